@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from visae.errors import VisaeError
+
 EditFn = Callable[[torch.Tensor], torch.Tensor]
 
 TOKEN_KINDS = ("cls", "register", "patch")
@@ -113,7 +115,7 @@ class Backbone(ABC):
     def _check_layers(self, layers: Sequence[int]) -> None:
         for layer in layers:
             if not 0 <= layer < self.n_layers:
-                raise ValueError(
+                raise VisaeError(
                     f"layer {layer} is out of range for {self.name} (0..{self.n_layers - 1})"
                 )
 
@@ -123,9 +125,7 @@ class Backbone(ABC):
         return self._run(pixels.to(self.device))
 
     @torch.inference_mode()
-    def record(
-        self, pixels: torch.Tensor, layers: Sequence[int]
-    ) -> dict[int, torch.Tensor]:
+    def record(self, pixels: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
         """One forward pass; the stream after each block in `layers` as `[batch, tokens, d]`.
 
         Composes with `edit`: a recorded layer at or after an edited one sees the edit.
@@ -162,7 +162,7 @@ class Backbone(ABC):
             tokens = self._to_tokens(layer, out)
             edited = fn(tokens)
             if edited.shape != tokens.shape:
-                raise ValueError(
+                raise VisaeError(
                     f"edit fn changed the stream's shape at layer {layer}: "
                     f"{tuple(tokens.shape)} -> {tuple(edited.shape)}"
                 )
