@@ -1,0 +1,186 @@
+"""Record a backbone's activations over a dataset into a store, resumably.
+
+Shard `k` always holds dataset images `[k * shard_images, (k + 1) * shard_images)` (less
+the unreadable ones), and batches never straddle shards, so an interrupted extraction that
+is run again redoes exactly the same forward passes and writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from visae.errors import VisaeError
+from visae.store.format import n_layout_tokens
+from visae.store.reader import ActivationStore
+from visae.store.writer import LayerSpec, StoreSpec, StoreWriter
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from visae.backbones.base import Backbone
+    from visae.data.base import ImageDataset
+
+logger = logging.getLogger("visae.store")
+
+ON_UNREADABLE = ("skip", "fail")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or "unreadable"
+    return f"{type(exc).__name__}: {text}"
+
+
+def store_spec(
+    backbone: Backbone,
+    dataset: ImageDataset,
+    layers: Sequence[int],
+    tokens: str = "all",
+    dtype: str = "float16",
+    shard_images: int = 256,
+) -> StoreSpec:
+    """The spec of a store of `backbone`'s activations over `dataset`."""
+    for layer in layers:
+        if not isinstance(layer, int | np.integer) or not 0 <= layer < backbone.n_layers:
+            raise VisaeError(
+                f"layer {layer!r} is out of range for {backbone.name} (0..{backbone.n_layers - 1})"
+            )
+    return StoreSpec(
+        backbone={
+            "name": backbone.name,
+            "weights_hash": backbone.weights_hash,
+            "preprocessing": backbone.preprocessing,
+        },
+        dataset={"name": dataset.name, "fingerprint": dataset.fingerprint},
+        layers=[LayerSpec(int(L), backbone.d(int(L)), backbone.layout(int(L))) for L in layers],
+        dtype=dtype,
+        tokens=tokens,
+        shard_images=shard_images,
+    )
+
+
+def extract(
+    backbone: Backbone,
+    dataset: ImageDataset,
+    out: str | os.PathLike[str],
+    layers: Sequence[int],
+    tokens: str = "all",
+    dtype: str = "float16",
+    batch_size: int = 32,
+    shard_images: int = 256,
+    device: str = "cpu",
+    on_unreadable: str = "skip",
+    progress: bool = True,
+) -> ActivationStore:
+    """Run `backbone` over `dataset` and store the stream after each of `layers`.
+
+    Resumes an interrupted store at `out` (same backbone, preprocessing, dataset, layers,
+    tokens, dtype and shard size; anything else is refused). Unreadable images are skipped
+    and listed in the manifest (`on_unreadable="skip"`) or stop the run (`"fail"`).
+    """
+    if on_unreadable not in ON_UNREADABLE:
+        raise VisaeError(f"on_unreadable must be 'skip' or 'fail', not {on_unreadable!r}")
+    if batch_size < 1:
+        raise VisaeError(f"batch_size must be positive, not {batch_size}")
+    if not layers:
+        raise VisaeError("extract needs at least one layer")
+    spec = store_spec(backbone, dataset, layers, tokens, dtype, shard_images)
+    layer_list = [e["layer"] for e in spec.layer_entries]
+    n_total = len(dataset)
+    n_shards = math.ceil(n_total / shard_images)
+
+    with StoreWriter(out, spec) as writer:
+        if writer.complete:
+            logger.warning(
+                "store %s is already complete with the same backbone, dataset and layers; "
+                "nothing to do",
+                out,
+            )
+            return ActivationStore.open(out, verify=False, progress=progress)
+        consumed = writer.n_images + writer.n_skipped
+        if consumed != min(writer.n_shards * shard_images, n_total):
+            raise VisaeError(
+                f"cannot resume {out}: its shards do not follow extract's layout "
+                f"({consumed} images read in {writer.n_shards} shards of {shard_images})"
+            )
+        if writer.resumed and writer.n_shards:
+            logger.warning("resuming %s after %d of %d shards", out, writer.n_shards, n_shards)
+        backbone.to(device)
+        with tqdm(
+            total=n_total,
+            initial=consumed,
+            unit="img",
+            desc=f"extract {backbone.name}",
+            disable=not progress,
+        ) as bar:
+            for shard in range(writer.n_shards, n_shards):
+                lo = shard * shard_images
+                hi = min(lo + shard_images, n_total)
+                acts, metadata, skipped = _run_shard(
+                    backbone, dataset, spec, layer_list, lo, hi, batch_size, on_unreadable, bar
+                )
+                writer.append_shard(acts, metadata, skipped)
+        writer.finish()
+    return ActivationStore.open(out, verify=False, progress=progress)
+
+
+def _run_shard(
+    backbone: Backbone,
+    dataset: ImageDataset,
+    spec: StoreSpec,
+    layers: list[int],
+    lo: int,
+    hi: int,
+    batch_size: int,
+    on_unreadable: str,
+    bar: tqdm,
+) -> tuple[dict[int, np.ndarray], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Forward passes over dataset images `[lo, hi)` in batches that stay inside the range."""
+    entries = {e["layer"]: e for e in spec.layer_entries}
+    acts = {
+        L: np.empty((hi - lo, entries[L]["n_tokens"], entries[L]["d"]), dtype=np.float32)
+        for L in layers
+    }
+    metadata: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    for start in range(lo, hi, batch_size):
+        stop = min(start + batch_size, hi)
+        images: list[Image.Image] = []
+        for i in range(start, stop):
+            meta = dict(dataset.metadata(i))
+            source = str(meta.get("source", f"image {i}"))
+            try:
+                img = dataset.image(i)
+                img.load()
+            except Exception as exc:
+                reason = _one_line(exc)
+                if on_unreadable == "fail":
+                    raise VisaeError(f"cannot read image {i} ({source}): {reason}") from exc
+                logger.warning("skipping unreadable image %d (%s): %s", i, source, reason)
+                skipped.append({"index": i, "source": source, "reason": reason})
+                continue
+            images.append(img)
+            metadata.append({**meta, "dataset_index": i})
+        if images:
+            recorded = backbone.record(backbone.preprocess(images), layers)
+            row = len(metadata) - len(images)
+            for L in layers:
+                e = entries[L]
+                t = recorded[L]
+                want = (len(images), n_layout_tokens(e["model_layout"]), e["d"])
+                if tuple(t.shape) != want:
+                    raise VisaeError(
+                        f"{backbone.name} layer {L} produced {list(t.shape)}, its layout "
+                        f"and width say {list(want)}"
+                    )
+                start_tok, stop_tok = e["model_tokens"]
+                acts[L][row : row + len(images)] = t[:, start_tok:stop_tok].float().cpu().numpy()
+        bar.update(stop - start)
+    n = len(metadata)
+    return {L: a[:n] for L, a in acts.items()}, metadata, skipped
