@@ -1,0 +1,108 @@
+"""Image sources for visae: concept scenes with exact labels (the default), and readers for
+standard formats (ImageFolder, Fashion-MNIST, CUB-200-2011 attributes, COCO instances)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from visae.data.base import ImageDataset
+from visae.data.coco import CocoDataset
+from visae.data.cub import Cub200Dataset
+from visae.data.default import DEFAULT_SCENES, cache_dir, cached_scenes, default_scenes
+from visae.data.masks import preprocessing_box
+from visae.data.scene_dataset import SceneDataset
+from visae.data.scenes import (
+    PAIR_KINDS,
+    SceneConfig,
+    SceneGenerator,
+    ScenePair,
+    generate_scenes,
+)
+from visae.data.standard import FashionMNIST, ImageFolder, SkimagePhotos, Subset
+from visae.data.taxonomy import Taxonomy
+from visae.errors import VisaeError
+
+DATASET_SPECS_HELP = """dataset specs:
+  scenes                  the default concept scenes (rendered once, cached)
+  scenes:shapes           the same scenes with procedural shapes instead of photo objects
+  scenes:DIR              a scene folder written by `visae scenes`
+  fashion-mnist[:train|test]   Fashion-MNIST (Debian dataset-fashion-mnist; default test)
+  skimage                 the photos bundled with scikit-image
+  cub:DIR                 CUB-200-2011 folder (images.txt, attributes/...)
+  coco:FILE.json[:IMGDIR] COCO instances file (images default to the file's folder)
+  imagefolder:DIR or DIR  folder of class folders (a scene folder is recognised)
+  any spec + '#N'         only the first N images"""
+
+__all__ = [
+    "DATASET_SPECS_HELP",
+    "DEFAULT_SCENES",
+    "PAIR_KINDS",
+    "CocoDataset",
+    "Cub200Dataset",
+    "FashionMNIST",
+    "ImageDataset",
+    "ImageFolder",
+    "SceneConfig",
+    "SceneDataset",
+    "SceneGenerator",
+    "ScenePair",
+    "SkimagePhotos",
+    "Subset",
+    "Taxonomy",
+    "cache_dir",
+    "cached_scenes",
+    "default_scenes",
+    "generate_scenes",
+    "load_dataset",
+    "preprocessing_box",
+]
+
+
+def load_dataset(spec: str, progress: bool = True) -> ImageDataset:
+    """Open a dataset from a spec string (see `DATASET_SPECS_HELP`)."""
+    base, _, limit = spec.partition("#")
+    dataset = _load(base.strip(), progress)
+    if limit:
+        try:
+            n = int(limit)
+        except ValueError:
+            raise VisaeError(f"dataset spec {spec!r}: the part after '#' must be a count") from None
+        if n < 1:
+            raise VisaeError(f"dataset spec {spec!r}: count must be >= 1")
+        dataset = Subset(dataset, range(min(n, len(dataset))))
+    return dataset
+
+
+def _load(spec: str, progress: bool) -> ImageDataset:
+    kind, _, arg = spec.partition(":")
+    if spec == "scenes":
+        return default_scenes(progress=progress)
+    if kind == "scenes":
+        if arg == "shapes":
+            return cached_scenes(replace(DEFAULT_SCENES, objects="shapes"), progress=progress)
+        return SceneDataset.load(arg)
+    if kind == "fashion-mnist":
+        return FashionMNIST(arg or "test")
+    if spec == "skimage":
+        return SkimagePhotos()
+    if kind == "cub":
+        return Cub200Dataset(arg)
+    if kind == "coco":
+        json_end = arg.find(".json")
+        if json_end < 0:
+            raise VisaeError(f"dataset spec {spec!r}: expected coco:FILE.json[:IMAGE_DIR]")
+        ann, rest = arg[: json_end + 5], arg[json_end + 5 :]
+        return CocoDataset(ann, rest[1:] if rest.startswith(":") else None)
+    if kind == "imagefolder":
+        return ImageFolder(arg)
+    path = Path(spec)
+    if path.is_dir():
+        if (path / "scenes.json").is_file():
+            return SceneDataset.load(path)
+        return ImageFolder(path)
+    if "/" in spec or spec.startswith("."):
+        raise VisaeError(f"dataset folder {spec} does not exist")
+    raise VisaeError(
+        f"unknown dataset spec {spec!r} (see `visae extract --help` for the accepted specs)"
+    )
