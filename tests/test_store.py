@@ -603,6 +603,20 @@ def test_shuffled_every_token_exactly_once(tmp_path, dtype):
             assert len(ids) == store.n_tokens(2, tokens)
 
 
+def test_shuffled_image_subset_exactly_once(tmp_path):
+    sizes = [7, 7, 7, 5, 7, 3]
+    tagged_store(tmp_path / "s", "float16", sizes)
+    store = ActivationStore.open(tmp_path / "s")
+    for subset in ([0, 1, 2, 3, 4, 5, 6], [3, 9, 10, 30, 35], [35], []):
+        batches = list(store.shuffled(2, "patch", batch_size=4, images=np.array(subset)))
+        if not subset:
+            assert batches == []
+            continue
+        assert sorted(token_ids(batches)) == sorted((i, t) for i in subset for t in range(3, 9))
+    with pytest.raises(VisaeError, match="image indices"):
+        list(store.shuffled(2, "patch", images=np.array([36])))
+
+
 def test_shuffled_seeds_epochs_prefetch_and_mixing(tmp_path):
     tagged_store(tmp_path / "s", "float16", [8] * 10)
     store = ActivationStore.open(tmp_path / "s")

@@ -408,6 +408,17 @@ class ActivationStore:
         shard = int(np.searchsorted(self._starts, image, side="right")) - 1
         return shard, image - int(self._starts[shard])
 
+    def _image_mask(self, images: np.ndarray | None) -> np.ndarray | None:
+        """Boolean mask over store images from an index array (None: all images)."""
+        if images is None:
+            return None
+        idx = np.asarray(images, dtype=np.int64).ravel()
+        if len(idx) and (idx.min() < 0 or idx.max() >= self.n_images):
+            raise VisaeError(f"image indices must be in 0..{self.n_images - 1}")
+        mask = np.zeros(self.n_images, dtype=bool)
+        mask[idx] = True
+        return mask
+
     def get(self, layer: int, image: int, token: int) -> np.ndarray:
         """One token's activation `[d]` (token indexes the stored token axis)."""
         e = self._entry(layer)
@@ -450,6 +461,7 @@ class ActivationStore:
         epoch: int = 0,
         prefetch: int = 2,
         buffer_tokens: int = 1 << 18,
+        images: np.ndarray | None = None,
     ) -> Iterator[np.ndarray]:
         """One epoch of `[<= batch_size, d]` float32 batches in a seeded random order.
 
@@ -458,6 +470,8 @@ class ActivationStore:
         from by a random permutation, so every selected token comes exactly once per epoch.
         The order depends only on (seed, epoch, batch_size, buffer_tokens), never on
         `prefetch` (batches built that many ahead in a background thread; 0 = inline).
+        `images` (store image indices) restricts the epoch to those images, e.g. to hold
+        some out for evaluation.
         """
         if batch_size < 1:
             raise VisaeError(f"batch_size must be positive, not {batch_size}")
@@ -465,7 +479,8 @@ class ActivationStore:
             raise VisaeError(f"buffer_tokens must be positive, not {buffer_tokens}")
         sl = self._token_slice(layer, tokens)
         rng = np.random.default_rng([int(seed), int(epoch)])
-        items = self._shuffled_batches(layer, sl, batch_size, buffer_tokens, rng)
+        keep = self._image_mask(images)
+        items = self._shuffled_batches(layer, sl, batch_size, buffer_tokens, rng, keep)
         if prefetch > 0:
             return _prefetched(items, prefetch)
         return items
@@ -477,11 +492,17 @@ class ActivationStore:
         batch_size: int,
         buffer_tokens: int,
         rng: np.random.Generator,
+        keep: np.ndarray | None,
     ) -> Iterator[np.ndarray]:
         d = self.d(layer)
         n_sel = sl.stop - sl.start
         dtype = np.dtype(self.dtype)
-        order = [int(s) for s in rng.permutation(self.n_shards) if self._images[s] > 0]
+        if keep is None:
+            kept = self._images
+        else:
+            upto = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
+            kept = upto[self._starts[1:]] - upto[self._starts[:-1]]
+        order = [int(s) for s in rng.permutation(self.n_shards) if kept[s] > 0]
         carry = np.empty((0, d), dtype=dtype)
         i = 0
         while i < len(order):
@@ -489,13 +510,15 @@ class ActivationStore:
             count = len(carry)
             while i < len(order) and (count < buffer_tokens or not group):
                 group.append(order[i])
-                count += int(self._images[order[i]]) * n_sel
+                count += int(kept[order[i]]) * n_sel
                 i += 1
             buf = np.empty((count, d), dtype=dtype)
             buf[: len(carry)] = carry
             off = len(carry)
             for s in group:
                 arr = self._shard(layer, s)
+                if keep is not None and kept[s] < arr.shape[0]:
+                    arr = arr[keep[self._starts[s] : self._starts[s + 1]]]
                 n = arr.shape[0] * n_sel
                 buf[off : off + n].reshape(arr.shape[0], n_sel, d)[...] = arr[:, sl]
                 off += n
