@@ -1,0 +1,15 @@
+"""Session-wide test set-up: every cache (converted models, rendered scenes) goes to one
+temporary folder, so tests never read or write the user's ~/.cache/visae."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ["VISAE_CACHE"] = os.environ.get("VISAE_TEST_CACHE") or str(
+        tmp_path_factory.mktemp("visae-cache")
+    )
