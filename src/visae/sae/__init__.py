@@ -1,0 +1,33 @@
+"""Sparse autoencoders: ReLU, TopK, BatchTopK, JumpReLU (+ Matryoshka, AuxK), checkpoints.
+
+    from visae.sae import SAE, SAEConfig
+    sae = SAE.create(SAEConfig(arch="topk", d=384, n_latents=6144, k=32))
+    sae.set_normalization(*normalization_from_sample(sample)); sae.init_b_dec(sample)
+    out = sae.train_step(optimizer, batch)          # or sae.loss(batch) for a custom loop
+    sae.save("runs/sae"); SAE.load("runs/sae")
+
+See docs/sae.md for the full API and the training step's contract.
+"""
+
+from visae.sae.checkpoint import SCHEMA_VERSION
+from visae.sae.config import ARCHITECTURES, TOPK_FAMILY, SAEConfig
+from visae.sae.jumprelu import JumpReLUSAE
+from visae.sae.model import SAE, LossOutput
+from visae.sae.relu import ReLUSAE
+from visae.sae.stats import geometric_median, normalization_from_sample
+from visae.sae.topk import BatchTopKSAE, TopKSAE
+
+__all__ = [
+    "ARCHITECTURES",
+    "SAE",
+    "SCHEMA_VERSION",
+    "TOPK_FAMILY",
+    "BatchTopKSAE",
+    "JumpReLUSAE",
+    "LossOutput",
+    "ReLUSAE",
+    "SAEConfig",
+    "TopKSAE",
+    "geometric_median",
+    "normalization_from_sample",
+]

@@ -1,0 +1,342 @@
+"""The `SAE` interface shared by every architecture, and what all of them have in common.
+
+Every SAE works in a normalised input space, (x - mean) / scale, with the statistics stored in
+the SAE itself: callers feed raw activations and get raw-space reconstructions back, and a
+checkpoint can never be separated from the statistics it was trained with.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from visae.errors import VisaeError
+from visae.sae.config import SAEConfig
+from visae.sae.sparse import SparseCodes, bag_sum
+from visae.sae.stats import as_tensor, geometric_median
+
+
+@dataclass
+class LossOutput:
+    """One training batch's objective and what to log about it.
+
+    `loss` is the tensor to back-propagate; the other tensors are detached parts of it
+    (`recon`: reconstruction, averaged over Matryoshka prefixes when used; `sparsity`: the
+    scaled L1/L0 penalty; `auxk`: the unweighted AuxK loss).
+    """
+
+    loss: Tensor
+    recon: Tensor
+    sparsity: Tensor
+    auxk: Tensor
+    l0: float
+    nmse: float
+    dead_fraction: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        """Plain floats for a JSON-lines log."""
+        return {
+            "loss": float(self.loss.detach()),
+            "recon": float(self.recon),
+            "sparsity": float(self.sparsity),
+            "auxk": float(self.auxk),
+            "l0": self.l0,
+            "nmse": self.nmse,
+            "dead_fraction": self.dead_fraction,
+            **self.extra,
+        }
+
+
+class SAE(nn.Module):
+    """Sparse autoencoder: `encode`, `decode`, `forward -> (x_hat, codes, aux)`, `loss`.
+
+    Create with `SAE.create(cfg)` or `SAE.load(path_or_repo_id)`; the subclass is chosen by
+    `cfg.arch`. Parameters: W_enc [n_latents, d] (rows are encoder directions), b_enc, W_dec
+    [n_latents, d] (rows are dictionary atoms), b_dec [d].
+    """
+
+    arch: ClassVar[str] = ""
+    _registry: ClassVar[dict[str, type[SAE]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.arch:
+            SAE._registry[cls.arch] = cls
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__()
+        if type(self).arch != cfg.arch:
+            raise VisaeError(f"{type(self).__name__} cannot hold an SAE of arch={cfg.arch!r}")
+        self.cfg = cfg
+        generator = torch.Generator().manual_seed(cfg.seed)
+        atoms = torch.randn(cfg.n_latents, cfg.d, generator=generator)
+        atoms /= torch.linalg.vector_norm(atoms, dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(atoms)
+        # Encoder initialised as the decoder's transpose (same [n_latents, d] layout here).
+        self.W_enc = nn.Parameter(atoms.clone())
+        self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d))
+        # Normalisation and token count live in config.json, not in the tensor file.
+        self.register_buffer("norm_mean", torch.zeros(cfg.d), persistent=False)
+        self.register_buffer("norm_scale", torch.ones(()), persistent=False)
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.register_buffer("tokens_since_fired", torch.zeros(cfg.n_latents, dtype=torch.int64))
+        self.checkpoint_info: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------- construction, I/O
+    @staticmethod
+    def create(cfg: SAEConfig) -> SAE:
+        """A freshly initialised SAE of architecture `cfg.arch`."""
+        return SAE._registry[cfg.arch](cfg)
+
+    @staticmethod
+    def load(
+        path_or_repo_id: str | Path,
+        *,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+    ) -> SAE:
+        """Load a checkpoint directory, or a Hugging Face hub repo holding one (when online)."""
+        from visae.sae.checkpoint import load_checkpoint
+
+        return load_checkpoint(
+            path_or_repo_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+        )
+
+    def save(
+        self,
+        path: str | Path,
+        *,
+        store: dict[str, Any] | None = None,
+        layer: int | None = None,
+        **metadata: Any,
+    ) -> Path:
+        """Write `config.json` + `model.safetensors` into directory `path` (atomically per file).
+
+        `store` is the activation store's identity and `layer` the layer trained on; any other
+        JSON-serialisable keyword lands under "metadata".
+        """
+        from visae.sae.checkpoint import save_checkpoint
+
+        return save_checkpoint(self, Path(path), store=store, layer=layer, metadata=metadata)
+
+    # ----------------------------------------------------------------- normalisation, init
+    @property
+    def n_latents(self) -> int:
+        return self.cfg.n_latents
+
+    @property
+    def d(self) -> int:
+        return self.cfg.d
+
+    def set_normalization(self, mean: Tensor | np.ndarray, scale: float) -> None:
+        """Store the input statistics (see `normalization_from_sample`)."""
+        mean_t = torch.as_tensor(mean)
+        if tuple(mean_t.shape) != (self.d,):
+            raise VisaeError(
+                f"normalisation mean has shape {tuple(mean_t.shape)}, expected ({self.d},)"
+            )
+        if not bool(torch.isfinite(mean_t).all()):
+            raise VisaeError("normalisation mean contains non-finite values")
+        if not (math.isfinite(float(scale)) and float(scale) > 0):
+            raise VisaeError(f"normalisation scale must be a finite number > 0, got {scale}")
+        with torch.no_grad():
+            self.norm_mean.copy_(mean_t)
+            self.norm_scale.fill_(float(scale))
+
+    def normalize(self, x: Tensor | np.ndarray) -> Tensor:
+        """Raw activations [N, d] -> the SAE's input space, in the parameters' dtype."""
+        x_t = torch.as_tensor(x, device=self.W_dec.device)
+        if x_t.ndim != 2 or x_t.shape[1] != self.d:
+            raise VisaeError(f"SAE input must be [tokens, {self.d}], got shape {tuple(x_t.shape)}")
+        return (x_t.to(self.W_dec.dtype) - self.norm_mean) / self.norm_scale
+
+    def denormalize(self, x_norm: Tensor) -> Tensor:
+        """The SAE's input space -> raw activation space."""
+        return x_norm * self.norm_scale + self.norm_mean
+
+    @torch.no_grad()
+    def init_b_dec(self, sample: Tensor | np.ndarray) -> None:
+        """b_dec from a raw sample (normalised first): its mean or geometric median."""
+        x_norm = self.normalize(as_tensor(sample, "b_dec sample"))
+        if self.cfg.b_dec_init == "mean":
+            center = x_norm.double().mean(dim=0)
+        else:
+            center = geometric_median(x_norm.double())
+        self.b_dec.copy_(center.to(self.b_dec.dtype))
+
+    # ----------------------------------------------------------------- the interface
+    def encode(self, x: Tensor | np.ndarray) -> Tensor:
+        """Raw activations [N, d] -> codes [N, n_latents], all >= 0 (inference rule)."""
+        codes, values = self._encode_sparse_codes(self.normalize(x))
+        return codes.to_dense(values)
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """Codes [N, n_latents] -> raw-space reconstruction [N, d]."""
+        if codes.ndim != 2 or codes.shape[1] != self.n_latents:
+            raise VisaeError(
+                f"codes must be [tokens, {self.n_latents}], got shape {tuple(codes.shape)}"
+            )
+        return self.denormalize(codes.to(self.W_dec.dtype) @ self.W_dec + self.b_dec)
+
+    def decode_sparse(self, values: Tensor, indices: Tensor) -> Tensor:
+        """Codes given as ([N, m] values, [N, m] latent indices) -> raw reconstruction [N, d]."""
+        if values.shape != indices.shape or values.ndim != 2:
+            raise VisaeError(
+                f"values {tuple(values.shape)} and indices {tuple(indices.shape)} "
+                "must both be [N, m]"
+            )
+        n_rows, width = values.shape
+        ptr = (
+            torch.arange(0, n_rows * width + 1, width, device=values.device)
+            if width
+            else (torch.zeros(n_rows + 1, dtype=torch.int64, device=values.device))
+        )
+        summed = bag_sum(self.W_dec, indices.reshape(-1).long(), ptr, values.reshape(-1))
+        return self.denormalize(summed + self.b_dec)
+
+    def forward(self, x: Tensor | np.ndarray) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """(raw reconstruction [N, d], codes [N, n_latents], aux) with aux["l0"] per token."""
+        codes, values = self._encode_sparse_codes(self.normalize(x))
+        x_hat = self.denormalize(self._decode_codes(codes, values) + self.b_dec)
+        l0 = codes.crow[1:] - codes.crow[:-1]
+        return x_hat, codes.to_dense(values), {"l0": l0}
+
+    def encode_sparse(self, x: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
+        """([N, m] values, [N, m] indices) of each token's active latents, largest first.
+
+        m is k for TopK and the largest count in the batch otherwise; rows with fewer active
+        latents are padded with value 0 (index 0), which decodes to nothing.
+        """
+        codes, values = self._encode_sparse_codes(self.normalize(x))
+        return pad_rows(codes, values)
+
+    def loss(
+        self,
+        x: Tensor | np.ndarray,
+        *,
+        sparsity_scale: float = 1.0,
+        update_state: bool | None = None,
+    ) -> LossOutput:
+        """The training objective on a raw batch [B, d].
+
+        `sparsity_scale` multiplies the L1/L0 penalty (for a warm-up; the TopK family has none).
+        With `update_state` (default: `self.training`) the batch counts as training data: it
+        advances `tokens_seen`, the dead-latent counters and BatchTopK's threshold.
+        """
+        x_norm = self.normalize(x)
+        if x_norm.shape[0] == 0:
+            raise VisaeError("cannot compute the SAE loss of an empty batch")
+        update = self.training if update_state is None else update_state
+        return self._loss(x_norm, float(sparsity_scale), update)
+
+    def train_step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        x: Tensor | np.ndarray,
+        *,
+        sparsity_scale: float = 1.0,
+    ) -> LossOutput:
+        """One complete optimisation step, in the only correct order.
+
+        zero grads -> loss -> backward -> remove the decoder-parallel gradient -> optimizer step
+        -> renormalise decoder rows.
+        """
+        optimizer.zero_grad(set_to_none=True)
+        out = self.loss(x, sparsity_scale=sparsity_scale, update_state=True)
+        out.loss.backward()
+        self.remove_parallel_decoder_grad()
+        optimizer.step()
+        self.after_optimizer_step()
+        return out
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Project W_dec's gradient onto each row's tangent space (call before the step)."""
+        grad = self.W_dec.grad
+        if not self.cfg.normalize_decoder or grad is None:
+            return
+        rows = self.W_dec.detach()
+        coef = torch.linalg.vecdot(grad, rows) / torch.linalg.vecdot(rows, rows).clamp_min(1e-30)
+        grad.addcmul_(coef[:, None], rows, value=-1.0)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Put decoder rows back at unit norm (call after the step)."""
+        if self.cfg.normalize_decoder:
+            norms = torch.linalg.vector_norm(self.W_dec, dim=1, keepdim=True)
+            self.W_dec /= norms.clamp_min(1e-12)
+
+    def dead_mask(self) -> Tensor:
+        """[n_latents] bool: latents that have not fired for `dead_after_tokens` tokens."""
+        return self.tokens_since_fired >= self.cfg.dead_after_tokens
+
+    # ----------------------------------------------------------------- for subclasses
+    def _encode_sparse_codes(self, x_norm: Tensor) -> tuple[SparseCodes, Tensor]:
+        """Inference codes of normalised inputs: entries and their (differentiable) values."""
+        raise NotImplementedError
+
+    def _decode_codes(self, codes: SparseCodes, values: Tensor) -> Tensor:
+        """Reconstruction without b_dec, in normalised space."""
+        return codes.to_dense(values) @ self.W_dec
+
+    def _loss(self, x_norm: Tensor, sparsity_scale: float, update: bool) -> LossOutput:
+        raise NotImplementedError
+
+    def _preacts(self, x_norm: Tensor) -> Tensor:
+        """Dense pre-activations (x - b_dec) @ W_enc.T + b_enc, differentiable."""
+        return torch.addmm(self.b_enc, x_norm - self.b_dec, self.W_enc.t())
+
+    @torch.no_grad()
+    def _record_batch(self, cols: Tensor, fired: Tensor, n_tokens: int) -> None:
+        """Advance the token count and the dead-latent counters by one training batch.
+
+        `cols` are latent indices of code entries and `fired` says which entries are nonzero.
+        """
+        self.tokens_seen += n_tokens
+        self.tokens_since_fired += n_tokens
+        counts = torch.bincount(cols, weights=fired.to(torch.float32), minlength=self.n_latents)
+        self.tokens_since_fired.masked_fill_(counts > 0, 0)
+
+    def _metrics(self, x_norm: Tensor, mse: Tensor, nnz: int) -> tuple[float, float, float]:
+        """(l0, nmse, dead fraction) of a batch, given the mean squared error of x_hat.
+
+        NMSE = SSE / SSE of predicting the batch mean = mse / (mean per-dimension variance).
+        The variance is E[x^2] - E[x]^2 per dimension: one pass, and accurate because the
+        normalised input has a mean near zero (the two terms are subtracted in float64).
+        """
+        x = x_norm.detach()
+        mean_square = float(torch.linalg.vector_norm(x)) ** 2 / x.numel()
+        variance = mean_square - float(x.mean(dim=0).square().mean())
+        nmse = float(mse.detach()) / variance if variance > 0 else float("nan")
+        dead = float(self.dead_mask().double().mean())
+        return nnz / x_norm.shape[0], nmse, dead
+
+
+def pad_rows(codes: SparseCodes, values: Tensor, width: int | None = None) -> tuple[Tensor, Tensor]:
+    """Row-grouped entries -> ([N, m] values, [N, m] indices), largest value first per row.
+
+    m is `width` when given (it must cover every row), else the largest count in the batch.
+    """
+    if width is None:
+        counts = codes.crow[1:] - codes.crow[:-1]
+        width = int(counts.max()) if codes.n_rows else 0
+    out_values = values.new_zeros(codes.n_rows, width)
+    out_index = torch.zeros(codes.n_rows, width, dtype=torch.int64, device=values.device)
+    if codes.nnz:
+        position = torch.arange(codes.nnz, device=values.device) - codes.crow[codes.rows]
+        out_values = out_values.index_put((codes.rows, position), values)
+        out_index[codes.rows, position] = codes.cols
+    order = out_values.detach().argsort(dim=1, descending=True, stable=True)
+    return out_values.gather(1, order), out_index.gather(1, order)

@@ -1,0 +1,64 @@
+"""ReLU SAE with an L1 penalty (the paper-era SAE of saev and Anthropic's early work)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from visae.sae.model import SAE, LossOutput
+from visae.sae.sparse import SparseCodes
+
+
+def dense_to_codes(dense: Tensor) -> tuple[SparseCodes, Tensor]:
+    """Nonzero entries of dense codes [N, n] as (SparseCodes, differentiable values)."""
+    rows, cols = dense.detach().nonzero(as_tuple=True)
+    return SparseCodes(rows, cols, dense.shape[0], dense.shape[1]), dense[rows, cols]
+
+
+class ReLUSAE(SAE):
+    """codes = ReLU((x - b_dec) W_enc^T + b_enc); loss = recon + l1_coeff * L1.
+
+    L1 is the sum of codes over latents averaged over tokens; with `decoder_norm_l1` each code is
+    weighted by its decoder row's norm, so shrinking codes while growing rows does not pay when
+    `normalize_decoder` is off.
+    """
+
+    arch = "relu"
+
+    def _activate(self, pre: Tensor) -> Tensor:
+        return torch.relu(pre)
+
+    def _dense_codes(self, x_norm: Tensor) -> Tensor:
+        return self._activate(self._preacts(x_norm))
+
+    def _encode_sparse_codes(self, x_norm: Tensor) -> tuple[SparseCodes, Tensor]:
+        return dense_to_codes(self._dense_codes(x_norm))
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self._dense_codes(self.normalize(x))
+
+    def _penalty(self, pre: Tensor, codes: Tensor) -> tuple[Tensor, float]:
+        """(sparsity penalty before its coefficient and scale, the coefficient)."""
+        weighted = codes
+        if self.cfg.decoder_norm_l1:
+            weighted = codes * torch.linalg.vector_norm(self.W_dec, dim=1)
+        return weighted.sum(dim=1).mean(), self.cfg.l1_coeff
+
+    def _loss(self, x_norm: Tensor, sparsity_scale: float, update: bool) -> LossOutput:
+        pre = self._preacts(x_norm)
+        codes = self._activate(pre)
+        x_hat = codes @ self.W_dec + self.b_dec
+        recon = F.mse_loss(x_hat, x_norm)
+        penalty, coeff = self._penalty(pre, codes)
+        sparsity = sparsity_scale * coeff * penalty
+        if update:
+            fired = (codes.detach() > 0).any(dim=0)
+            every = torch.arange(self.n_latents, device=fired.device)
+            self._record_batch(every, fired, x_norm.shape[0])
+        l0, nmse, dead = self._metrics(x_norm, recon, int((codes.detach() > 0).sum()))
+        extra = {"sparsity_penalty": float(penalty.detach())}
+        zero = recon.new_zeros(())
+        return LossOutput(
+            recon + sparsity, recon.detach(), sparsity.detach(), zero, l0, nmse, dead, extra
+        )
