@@ -1,0 +1,400 @@
+"""Train many SAEs at once on one shuffled stream of activations from a store.
+
+Every run sees the same batches in the same order (a sweep shares the I/O); the stream
+position, SAE weights, optimizer moments and dead-latent counters are checkpointed together,
+so a killed run resumes to the same weights as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from visae.errors import VisaeError
+from visae.sae import SAE, normalization_from_sample
+from visae.store import ActivationStore
+from visae.store.format import shard_file
+from visae.train.config import RunSpec, TrainConfig
+from visae.train.metrics import evaluate
+from visae.train.schedule import lr_factor, sparsity_factor
+from visae.train.state import (
+    CHECKPOINT,
+    latest_checkpoint,
+    load_optimizer_tensors,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
+
+logger = logging.getLogger("visae.train")
+
+LOG_EVERY_STEPS = 10
+CONFIG_FILE = "train_config.json"
+SUMMARY_FILE = "summary.json"
+
+
+def resolve_layer(store: ActivationStore, layer: int | None) -> int:
+    """The requested layer, or the store's last one; an absent layer names the ones there."""
+    if layer is None:
+        return store.layers[-1]
+    if layer not in store.layers:
+        raise VisaeError(f"layer {layer} is not in store {store.path} (layers: {store.layers})")
+    return layer
+
+
+def check_finite_manifest(store: ActivationStore, layer: int) -> None:
+    """Refuse a store whose writer recorded NaN/inf, naming the shard file and image."""
+    for i, shard in enumerate(store.manifest["shards"]):
+        for bad in shard.get("nonfinite", []):
+            if bad["layer"] == layer:
+                raise VisaeError(
+                    f"store {store.path}: {shard_file(layer, i)} holds NaN/inf activations "
+                    f"of image {bad['image']} ({bad.get('source', '?')})"
+                )
+
+
+def locate_nonfinite(store: ActivationStore, layer: int, tokens: str) -> str:
+    """Where a non-finite batch came from: the first shard file and image holding NaN/inf."""
+    for ids, acts in store.ordered(layer, tokens=tokens, batch_images=16):
+        bad = ~np.isfinite(acts).all(axis=(1, 2))
+        if bad.any():
+            image = int(ids[bad.argmax()])
+            shard = int(
+                np.searchsorted(
+                    np.cumsum([s["images"] for s in store.manifest["shards"]]), image, side="right"
+                )
+            )
+            source = store.metadata()[image].get("source", "?")
+            return f"{shard_file(layer, shard)}, image {image} ({source})"
+    return "an unknown shard"
+
+
+def split_images(
+    n_images: int, holdout_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(training images, held-out images), a seeded random split."""
+    n_hold = round(holdout_fraction * n_images) if n_images > 1 else 0
+    if holdout_fraction > 0 and n_images > 1:
+        n_hold = min(max(1, n_hold), n_images - 1)
+    perm = np.random.default_rng([seed, 7]).permutation(n_images)
+    return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
+
+
+class Trainer:
+    """Fits every `RunSpec` to the store named in `TrainConfig`; see `train()`."""
+
+    def __init__(self, cfg: TrainConfig, runs: list[RunSpec], progress: bool = True) -> None:
+        cfg.validate()
+        self.cfg, self.runs, self.progress = cfg, runs, progress
+        self.store = ActivationStore.open(cfg.store, progress=progress)
+        self.layer = resolve_layer(self.store, cfg.layer)
+        d = self.store.d(self.layer)
+        for run in runs:
+            if run.sae.d != d:
+                raise VisaeError(
+                    f"run {run.name}: SAE width d={run.sae.d} does not match the store's "
+                    f"d={d} at layer {self.layer}"
+                )
+        check_finite_manifest(self.store, self.layer)
+        per_image = len(self.store.token_positions(self.layer, cfg.tokens))
+        if self.store.n_images == 0 or per_image == 0:
+            raise VisaeError(f"store {self.store.path} holds no {cfg.tokens} tokens to train on")
+        self.train_images, self.eval_images = split_images(
+            self.store.n_images, cfg.holdout_fraction, cfg.seed
+        )
+        self.epoch_tokens = len(self.train_images) * per_image
+        wanted = cfg.total_tokens or self.epoch_tokens
+        if wanted > self.epoch_tokens and cfg.beyond_epoch == "stop":
+            logger.warning(
+                "total_tokens=%d is more than one epoch (%d training tokens); stopping after "
+                "one epoch as configured (beyond_epoch=stop)",
+                wanted,
+                self.epoch_tokens,
+            )
+            wanted = self.epoch_tokens
+        elif wanted > self.epoch_tokens:
+            logger.warning(
+                "training for %d tokens = %.1f epochs of the store's %d training tokens: "
+                "tokens repeat (beyond_epoch=continue)",
+                wanted,
+                wanted / self.epoch_tokens,
+                self.epoch_tokens,
+            )
+        self.total_tokens = wanted
+        self.total_steps = math.ceil(wanted / cfg.batch_size)
+        self.out = Path(cfg.out)
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def _describe(self) -> dict[str, Any]:
+        return {
+            "train": self.cfg.to_dict() | {"layer": self.layer},
+            "runs": [r.to_dict() for r in self.runs],
+            "store": {k: v for k, v in self.store.identity().items() if k != "path"},
+        }
+
+    def _prepare_out(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / CONFIG_FILE
+        desc = json.dumps(self._describe(), indent=2, sort_keys=True)
+        if path.exists() and path.read_text() != desc:
+            raise VisaeError(
+                f"{self.out} holds a different training run ({CONFIG_FILE} differs); "
+                "choose another --out or delete it"
+            )
+        path.write_text(desc)
+
+    def _stream(self, epoch: int, skip: int) -> Iterator[np.ndarray]:
+        batches = self.store.shuffled(
+            self.layer,
+            self.cfg.tokens,
+            batch_size=self.cfg.batch_size,
+            seed=self.cfg.seed,
+            epoch=epoch,
+            prefetch=self.cfg.prefetch,
+            images=self.train_images,
+        )
+        for i, batch in enumerate(batches):
+            if i >= skip:
+                yield batch
+
+    def _norm_sample(self) -> np.ndarray:
+        """Tokens for the input statistics and b_dec: a seeded draw from the training images."""
+        parts, n = [], 0
+        batches = self.store.shuffled(
+            self.layer,
+            self.cfg.tokens,
+            batch_size=min(self.cfg.norm_sample_tokens, 8192),
+            seed=self.cfg.seed + 1,
+            prefetch=0,
+            images=self.train_images,
+        )
+        for batch in batches:
+            parts.append(batch)
+            n += len(batch)
+            if n >= self.cfg.norm_sample_tokens:
+                break
+        sample = np.concatenate(parts)[: self.cfg.norm_sample_tokens]
+        if not np.isfinite(sample).all():
+            raise VisaeError(
+                f"store {self.store.path}: non-finite activations in "
+                f"{locate_nonfinite(self.store, self.layer, self.cfg.tokens)}"
+            )
+        return sample
+
+    def _eval_tokens(self) -> np.ndarray:
+        """Held-out tokens (from images never trained on), at most `eval_tokens` of them."""
+        images = self.eval_images if len(self.eval_images) else self.train_images
+        if not len(self.eval_images):
+            logger.warning("no held-out images (holdout_fraction=0): evaluating on training data")
+        parts = [
+            acts.reshape(-1, acts.shape[-1])
+            for _, acts in self.store.ordered(self.layer, self.cfg.tokens, 64, images=images)
+        ]
+        tokens = np.concatenate(parts)
+        if len(tokens) > self.cfg.eval_tokens:
+            pick = np.random.default_rng([self.cfg.seed, 11]).choice(
+                len(tokens), self.cfg.eval_tokens, replace=False
+            )
+            tokens = tokens[np.sort(pick)]
+        return tokens
+
+    def _fresh(self, sample: np.ndarray) -> dict[str, tuple[SAE, torch.optim.Optimizer]]:
+        mean, scale = normalization_from_sample(sample)
+        models = {}
+        for run in self.runs:
+            sae = SAE.create(run.sae)
+            sae.set_normalization(mean, scale)
+            sae.init_b_dec(sample)
+            models[run.name] = (sae, torch.optim.Adam(sae.parameters(), lr=run.lr))
+        return models
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Path]:
+        """Train every run to `total_tokens`; returns {run name: final SAE folder}."""
+        self._prepare_out()
+        names = [r.name for r in self.runs]
+        if (self.out / SUMMARY_FILE).exists():
+            logger.warning("%s already holds this finished training run; nothing to do", self.out)
+            return {name: self.out / name / "sae" for name in names}
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is None:
+            models = self._fresh(self._norm_sample())
+            state = {"step": 0, "tokens": 0, "epoch": 0, "batch_in_epoch": 0}
+            for name in names:
+                (self.out / name).mkdir(exist_ok=True)
+                (self.out / name / "metrics.jsonl").write_text("")
+        else:
+            state, loaded = load_training_checkpoint(ckpt, names)
+            models = {}
+            for run in self.runs:
+                sae, opt_tensors = loaded[run.name]
+                sae.train()
+                opt = torch.optim.Adam(sae.parameters(), lr=run.lr)
+                load_optimizer_tensors(sae, opt, opt_tensors)
+                models[run.name] = (sae, opt)
+                _truncate_log(self.out / run.name / "metrics.jsonl", state["step"])
+            logger.info(
+                "resuming %s at step %d (%d tokens)", self.out, state["step"], state["tokens"]
+            )
+        eval_x = self._eval_tokens()
+        for sae, _ in models.values():
+            sae.train()
+        self._loop(models, state, eval_x)
+        return self._finish(models, eval_x)
+
+    def _sae_metadata(self, state: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "store": self.store.identity(),
+            "layer": self.layer,
+            "tokens": self.cfg.tokens,
+            "train_step": state["step"],
+        }
+
+    def _loop(
+        self,
+        models: dict[str, tuple[SAE, torch.optim.Optimizer]],
+        state: dict[str, Any],
+        eval_x: np.ndarray,
+    ) -> None:
+        cfg = self.cfg
+        lrs = {r.name: r.lr for r in self.runs}
+        stream = self._stream(state["epoch"], state["batch_in_epoch"])
+        bar = tqdm(
+            total=self.total_tokens,
+            initial=state["tokens"],
+            unit="tok",
+            unit_scale=True,
+            desc=f"train {len(models)} SAE{'s' if len(models) > 1 else ''}",
+            disable=not self.progress,
+        )
+        first = self.runs[0].name
+        with bar:
+            while state["tokens"] < self.total_tokens:
+                batch = next(stream, None)
+                if batch is None:
+                    state["epoch"] += 1
+                    state["batch_in_epoch"] = 0
+                    stream = self._stream(state["epoch"], 0)
+                    continue
+                batch = batch[: self.total_tokens - state["tokens"]]
+                if not np.isfinite(batch).all():
+                    raise VisaeError(
+                        f"store {self.store.path}: non-finite activations in "
+                        f"{locate_nonfinite(self.store, self.layer, cfg.tokens)}"
+                    )
+                x = torch.from_numpy(batch)
+                step = state["step"]
+                factor = lr_factor(
+                    step, self.total_steps, cfg.lr_warmup_steps, cfg.lr_decay, cfg.lr_decay_start
+                )
+                sparsity = sparsity_factor(step, cfg.sparsity_warmup_steps)
+                logs = {}
+                for name, (sae, opt) in models.items():
+                    for group in opt.param_groups:
+                        group["lr"] = lrs[name] * factor
+                    out = sae.train_step(opt, x, sparsity_scale=sparsity)
+                    if not math.isfinite(float(out.loss.detach())):
+                        raise VisaeError(
+                            f"run {name} diverged at step {step} (loss is "
+                            f"{float(out.loss.detach())}); lower its learning rate"
+                        )
+                    logs[name] = out
+                before = state["tokens"]
+                state["step"] += 1
+                state["batch_in_epoch"] += 1
+                state["tokens"] += len(batch)
+                bar.update(len(batch))
+                done = state["tokens"] >= self.total_tokens
+                if state["step"] % LOG_EVERY_STEPS == 0 or done:
+                    for name, out in logs.items():
+                        _append(
+                            self.out / name / "metrics.jsonl",
+                            {
+                                "kind": "train",
+                                "step": state["step"],
+                                "tokens": state["tokens"],
+                                "lr": lrs[name] * factor,
+                                "sparsity_scale": sparsity,
+                                **out.metrics(),
+                            },
+                        )
+                    m = logs[first]
+                    bar.set_postfix_str(
+                        f"nmse {m.nmse:.3f} L0 {m.l0:.1f} dead {m.dead_fraction:.1%}"
+                        + (f" ({first} +{len(models) - 1})" if len(models) > 1 else ""),
+                        refresh=False,
+                    )
+                if done or _crossed(before, state["tokens"], cfg.eval_every_tokens):
+                    self._evaluate(models, state, eval_x)
+                if not done and _crossed(before, state["tokens"], cfg.checkpoint_every_tokens):
+                    save_training_checkpoint(
+                        self.out, dict(state), models, self._sae_metadata(state)
+                    )
+
+    def _evaluate(
+        self,
+        models: dict[str, tuple[SAE, torch.optim.Optimizer]],
+        state: dict[str, Any],
+        eval_x: np.ndarray,
+    ) -> None:
+        for name, (sae, _) in models.items():
+            batches = (eval_x[i : i + 8192] for i in range(0, len(eval_x), 8192))
+            metrics = evaluate(sae, batches)
+            metrics["eval_tokens"] = metrics.pop("tokens")
+            metrics["train_dead_fraction"] = float(sae.dead_mask().float().mean())
+            _append(
+                self.out / name / "metrics.jsonl",
+                {"kind": "eval", "step": state["step"], "tokens": state["tokens"], **metrics},
+            )
+
+    def _finish(
+        self, models: dict[str, tuple[SAE, torch.optim.Optimizer]], eval_x: np.ndarray
+    ) -> dict[str, Path]:
+        state = {"step": self.total_steps}
+        finals, summary = {}, {}
+        for run in self.runs:
+            sae, _ = models[run.name]
+            sae.eval()
+            path = sae.save(
+                self.out / run.name / "sae", run=run.name, lr=run.lr, **self._sae_metadata(state)
+            )
+            finals[run.name] = path
+            lines = (self.out / run.name / "metrics.jsonl").read_text().splitlines()
+            last_eval = [json.loads(x) for x in lines if '"kind": "eval"' in x][-1]
+            summary[run.name] = {"sae": str(path), **last_eval}
+        (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True))
+        shutil.rmtree(self.out / CHECKPOINT, ignore_errors=True)
+        return finals
+
+
+def _crossed(before: int, after: int, every: int) -> bool:
+    return before // every != after // every
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint being resumed, so none appear twice."""
+    if not path.exists():
+        path.write_text("")
+        return
+    keep = [x for x in path.read_text().splitlines() if json.loads(x)["step"] <= step]
+    path.write_text("".join(x + "\n" for x in keep))
+
+
+def train(cfg: TrainConfig, runs: list[RunSpec], progress: bool = True) -> dict[str, Path]:
+    """Train (or resume) every run of a sweep on one shared stream; {run: SAE folder}."""
+    return Trainer(cfg, runs, progress=progress).run()
