@@ -1,0 +1,615 @@
+// visae feature browser: a dependency-free single-page app over the analysis documents.
+// Served: documents come from data/<key>.json. Static export (window.VISAE_STATIC): from
+// data/<key>.js scripts calling visaeData(key, doc), which also works from file://.
+// Each analysis has two shared documents, loaded once: a<i>/latents (table, exemplars) and
+// a<i>/images (thumbnails, labels); pages refer to images by id and pack their arrays in base64.
+"use strict";
+
+(function () {
+  const STATIC = Boolean(window.VISAE_STATIC);
+  const cache = new Map();
+  const inflight = new Map();
+  const waiting = new Map();
+
+  window.visaeData = function (key, doc) {
+    cache.set(key, doc);
+    const w = waiting.get(key);
+    if (w) {
+      waiting.delete(key);
+      w(doc);
+    }
+  };
+
+  function load(key) {
+    if (cache.has(key)) return Promise.resolve(cache.get(key));
+    if (inflight.has(key)) return inflight.get(key);
+    let p;
+    if (STATIC) {
+      p = new Promise((resolve, reject) => {
+        waiting.set(key, resolve);
+        const s = document.createElement("script");
+        s.src = "data/" + key + ".js";
+        s.onload = () => s.remove();
+        s.onerror = () => {
+          waiting.delete(key);
+          s.remove();
+          reject(new Error("no data for " + key));
+        };
+        document.head.appendChild(s);
+      });
+    } else {
+      p = fetch("data/" + key + ".json").then((r) => {
+        if (!r.ok) throw new Error("no data for " + key + " (HTTP " + r.status + ")");
+        return r.json();
+      }).then((doc) => {
+        cache.set(key, doc);
+        return doc;
+      });
+    }
+    const done = p.finally(() => inflight.delete(key));
+    inflight.set(key, done);
+    return done;
+  }
+
+  // the shared documents of analysis `a`, with its images as a Map id -> {thumb, source, labels}
+  const sharedDocs = new Map();
+  function shared(a) {
+    if (!sharedDocs.has(a)) {
+      const p = Promise.all([load("a" + a + "/latents"), load("a" + a + "/images")]).then(([latents, im]) => {
+        const images = new Map();
+        im.image.forEach((id, n) => images.set(id, {
+          thumb: im.thumb[n],
+          source: im.source[n],
+          labels: im.labels[n].map((l) => im.label_names[l]),
+        }));
+        return { latents, images };
+      });
+      p.catch(() => sharedDocs.delete(a));
+      sharedDocs.set(a, p);
+    }
+    return sharedDocs.get(a);
+  }
+
+  function imageInfo(sh, id) {
+    const info = sh.images.get(id);
+    if (!info) throw new Error("image " + id + " is not in the analysis's image list");
+    return info;
+  }
+
+  // ---------- decoding of packed arrays ----------
+
+  function b64bytes(text) {
+    const bin = atob(text);
+    const out = new Uint8Array(bin.length);
+    for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
+    return out;
+  }
+
+  // a map of n patches as levels: dense (n bytes) or sparse (uint16 LE patch, uint8 level triples)
+  function decodeMap(text, n) {
+    const b = b64bytes(text);
+    const out = new Uint8Array(n);
+    if (b.length === n) return b;
+    if (b.length % 3 || b.length > n) throw new Error("malformed activation map");
+    for (let e = 0; e < b.length; e += 3) out[b[e] | (b[e + 1] << 8)] = b[e + 2];
+    return out;
+  }
+
+  function half(u) {
+    const sign = u & 0x8000 ? -1 : 1;
+    const e = (u >> 10) & 0x1f;
+    const f = u & 0x3ff;
+    if (e === 0) return sign * f * Math.pow(2, -24);
+    if (e === 31) return f ? NaN : sign * Infinity;
+    return sign * (1 + f / 1024) * Math.pow(2, e - 15);
+  }
+
+  // an image page's per-patch codes as rows [patch][k] of latent ids (-1 = none) and values
+  function decodeCodes(c, patches) {
+    const ib = b64bytes(c.latents);
+    const vb = b64bytes(c.values);
+    if (ib.length !== patches * c.k * c.id_bytes || vb.length !== patches * c.k * 2) {
+      throw new Error("malformed per-patch codes");
+    }
+    const iv = new DataView(ib.buffer);
+    const vv = new DataView(vb.buffer);
+    const latents = [];
+    const values = [];
+    for (let p = 0; p < patches; p++) {
+      const lr = [];
+      const vr = [];
+      for (let k = 0; k < c.k; k++) {
+        const i = p * c.k + k;
+        lr.push(c.id_bytes === 2 ? iv.getInt16(2 * i, true) : iv.getInt32(4 * i, true));
+        vr.push(half(vv.getUint16(2 * i, true)));
+      }
+      latents.push(lr);
+      values.push(vr);
+    }
+    return { latents, values };
+  }
+
+  // ---------- small helpers ----------
+
+  function h(tag, attrs, ...children) {
+    const el = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (v === null || v === undefined || v === false) continue;
+      if (k === "class") el.className = v;
+      else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+      else if (k === "dataset") Object.assign(el.dataset, v);
+      else el.setAttribute(k, v === true ? "" : v);
+    }
+    for (const c of children.flat()) {
+      if (c === null || c === undefined || c === false) continue;
+      el.appendChild(typeof c === "string" || typeof c === "number" ? document.createTextNode(String(c)) : c);
+    }
+    return el;
+  }
+
+  function fmt(v, digits) {
+    if (v === null || v === undefined || Number.isNaN(v)) return "–";
+    if (typeof v !== "number") return String(v);
+    if (v === 0) return "0";
+    const a = Math.abs(v);
+    if (a >= 1e4 || a < 1e-3) return v.toExponential(digits === undefined ? 2 : digits);
+    return Number(v.toPrecision(digits === undefined ? 3 : digits)).toString();
+  }
+
+  function pct(v) {
+    if (v === null || v === undefined) return "–";
+    if (v === 0) return "0%";
+    const p = v * 100;
+    return (p < 0.01 ? p.toExponential(1) : Number(p.toPrecision(3))) + "%";
+  }
+
+  function thumbUrl(a, info) {
+    return "a" + a + "/" + info.thumb;
+  }
+
+  function parseHash() {
+    const raw = location.hash.replace(/^#\/?/, "");
+    const [path, query] = raw.split("?");
+    const params = new URLSearchParams(query || "");
+    return { parts: path ? path.split("/") : [], params };
+  }
+
+  function go(path, params) {
+    const q = params ? new URLSearchParams(params).toString() : "";
+    location.hash = "#/" + path + (q ? "?" + q : "");
+  }
+
+  function setCrumbs(...items) {
+    const nav = document.getElementById("crumbs");
+    nav.replaceChildren(...items.flatMap((it, i) => (i ? [" / ", it] : [it])));
+  }
+
+  // colour of a normalised activation v in [0, 1]: dark red -> red -> yellow, alpha rising with v
+  function heatColor(v) {
+    const t = Math.max(0, Math.min(1, v));
+    const r = 255;
+    const g = Math.round(255 * Math.max(0, (t - 0.35) / 0.65));
+    const b = Math.round(60 * Math.max(0, (t - 0.8) / 0.2));
+    const alpha = t <= 0 ? 0 : Math.round(255 * Math.min(0.9, 0.25 + 0.75 * Math.pow(t, 0.8)));
+    return [t < 0.35 ? Math.round(140 + 115 * (t / 0.35)) : r, g, b, alpha];
+  }
+
+  // draw a [h, w] grid of values in [0, 1] onto a canvas, bilinearly upsampled
+  function drawHeat(canvas, values, grid, opacity) {
+    const [gh, gw] = grid;
+    const small = document.createElement("canvas");
+    small.width = gw;
+    small.height = gh;
+    const sctx = small.getContext("2d");
+    const img = sctx.createImageData(gw, gh);
+    for (let i = 0; i < gh * gw; i++) {
+      const c = heatColor(values[i] || 0);
+      img.data.set(c, 4 * i);
+    }
+    sctx.putImageData(img, 0, 0);
+    const ctx = canvas.getContext("2d");
+    ctx.clearRect(0, 0, canvas.width, canvas.height);
+    ctx.save();
+    ctx.globalAlpha = opacity;
+    ctx.imageSmoothingEnabled = true;
+    ctx.imageSmoothingQuality = "high";
+    ctx.drawImage(small, 0, 0, canvas.width, canvas.height);
+    ctx.restore();
+  }
+
+  function heatCanvas(grid, cls) {
+    const [gh, gw] = grid;
+    const scale = Math.max(1, Math.round(320 / Math.max(gh, gw)));
+    return h("canvas", { class: cls || "heat", width: gw * scale, height: gh * scale });
+  }
+
+  const ui = { opacity: 0.75, ranking: "max" };
+  const listState = new Map();
+
+  // ---------- pages ----------
+
+  async function renderHome(app) {
+    setCrumbs(h("span", {}, "latents"));
+    const index = await load("index");
+    const cols = h("div", { class: "columns" });
+    app.replaceChildren(cols);
+    const docs = await Promise.all(index.analyses.map((a) => load("a" + a.id + "/latents")));
+    index.analyses.forEach((a, i) => cols.appendChild(latentListPanel(a, docs[i])));
+  }
+
+  function latentListPanel(a, doc) {
+    const c = doc.columns;
+    const metricNames = Object.keys(doc.metrics || {});
+    const fields = [
+      ["latent", "latent", (v) => String(v)],
+      ["freq_patch", "freq (patch)", pct],
+      ["freq_image", "freq (image)", pct],
+      ["max_patch", "max", (v) => fmt(v)],
+      ["mean_active", "mean active", (v) => fmt(v)],
+    ];
+    if (a.rankings.includes("cls")) fields.push(["freq_cls", "freq (CLS)", pct]);
+    for (const m of metricNames) fields.push([m, m, (v) => fmt(v)]);
+    if (a.has_labels) fields.push(["top_label", "top label", null]);
+    const value = (name, j) => (name in c ? c[name][j] : doc.metrics[name][j]);
+    let st = listState.get(a.id);
+    if (!st) {
+      st = { sort: "freq_patch", desc: true, query: "", show: "all", limit: 100 };
+      listState.set(a.id, st);
+    }
+    const panel = h("section", { class: "panel latent-list", dataset: { analysis: a.id } });
+    const tbody = h("tbody");
+    const head = h("tr");
+    const count = h("span", { class: "muted count" });
+    const more = h("button", { class: "more" }, "show more");
+
+    function rows() {
+      const q = st.query.trim().toLowerCase();
+      let ids = c.latent.slice();
+      if (st.show === "live") ids = ids.filter((j) => !c.dead[j]);
+      if (st.show === "dead") ids = ids.filter((j) => c.dead[j]);
+      if (q) {
+        ids = /^\d+$/.test(q)
+          ? ids.filter((j) => String(j).startsWith(q))
+          : ids.filter((j) => (c.top_label[j] || "").toLowerCase().includes(q));
+      }
+      const sign = st.desc ? -1 : 1;
+      ids.sort((x, y) => {
+        const vx = value(st.sort, x);
+        const vy = value(st.sort, y);
+        if (vx === vy) return x - y;
+        if (vx === null || vx === undefined || vx === "") return 1;
+        if (vy === null || vy === undefined || vy === "") return -1;
+        return (vx < vy ? -1 : 1) * sign;
+      });
+      return ids;
+    }
+
+    function draw() {
+      head.replaceChildren(...fields.map(([name, title]) => h("th", {
+        class: (name === st.sort ? "sorted " : "") + (name === "top_label" ? "label" : ""),
+        title: "sort by " + title,
+        onclick: () => {
+          if (st.sort === name) st.desc = !st.desc;
+          else { st.sort = name; st.desc = name !== "latent"; }
+          draw();
+        },
+      }, title + (name === st.sort ? (st.desc ? " ▾" : " ▴") : ""))));
+      const ids = rows();
+      count.textContent = ids.length + " of " + c.latent.length + " latents";
+      tbody.replaceChildren(...ids.slice(0, st.limit).map((j) => {
+        const dead = Boolean(c.dead[j]);
+        return h("tr", {
+          class: dead ? "dead" : "",
+          dataset: { latent: j },
+          onclick: () => go("latent/" + a.id + "/" + j),
+        }, fields.map(([name, , f]) => {
+          const v = value(name, j);
+          if (name === "latent") return h("td", {}, String(j), dead ? h("span", { class: "badge dead" }, "dead") : null);
+          if (name === "top_label") {
+            const frac = c.top_label_frac[j];
+            return h("td", { class: "label" }, v || "", v && frac !== null ? h("span", { class: "muted" }, " (" + Math.round(frac * 100) + "%)") : null);
+          }
+          return h("td", {}, f(v));
+        }));
+      }));
+      more.style.display = ids.length > st.limit ? "" : "none";
+    }
+    more.onclick = () => { st.limit += 200; draw(); };
+
+    const search = h("input", { type: "search", placeholder: a.has_labels ? "latent id or label" : "latent id", value: st.query });
+    search.addEventListener("input", () => { st.query = search.value; st.limit = 100; draw(); });
+    const show = h("select", { title: "which latents" },
+      ["all", "live", "dead"].map((v) => h("option", { value: v, selected: v === st.show }, v)));
+    show.addEventListener("change", () => { st.show = show.value; draw(); });
+
+    panel.append(
+      h("h2", {}, a.name),
+      h("div", { class: "meta" },
+        [a.backbone, "layer " + a.layer, a.sae.arch + (a.sae.k ? " k=" + a.sae.k : ""),
+          a.sae.n_latents + " latents", a.n_images + " images"].join(" · "),
+        " · ", h("span", { class: a.n_dead ? "badge dead" : "badge" }, a.n_dead + " dead"),
+        " · ", h("a", { href: "#/images/" + a.id }, "browse images")),
+      h("img", { class: "freqplot", src: "a" + a.id + "/" + a.frequency_plot, alt: "latent frequency histogram" }),
+      h("div", { class: "controls" }, search, show, count),
+      h("table", { class: "latents" }, h("thead", {}, head), tbody),
+      more,
+    );
+    draw();
+    return panel;
+  }
+
+  async function renderLatent(app, a, j, params) {
+    const index = await load("index");
+    const meta = index.analyses[a];
+    if (!meta) throw new Error("no analysis " + a);
+    const [sh, doc] = await Promise.all([shared(a), load("a" + a + "/latent/" + j)]);
+    const ranking = params.get("r") || (meta.rankings.includes(ui.ranking) ? ui.ranking : "max");
+    setCrumbs(h("a", { href: "#/" }, "latents"), h("span", {}, meta.name), h("span", {}, "latent " + j));
+    const s = {};
+    for (const [name, col] of Object.entries(sh.latents.columns)) s[name] = col[j];
+    for (const [name, col] of Object.entries(sh.latents.metrics)) s[name] = col[j];
+    const stat = (label, v) => h("div", {}, h("span", {}, label), v);
+    const stats = h("div", { class: "stats" },
+      stat("frequency (patches)", pct(s.freq_patch)),
+      stat("frequency (images)", pct(s.freq_image)),
+      meta.rankings.includes("cls") ? stat("frequency (CLS)", pct(s.freq_cls)) : null,
+      stat("max activation", fmt(s.max_patch)),
+      stat("mean when active", fmt(s.mean_active)),
+      stat("mean (all patches)", fmt(s.mean_patch)),
+      meta.has_labels ? stat("top label (share of top images vs all)", s.top_label
+        ? s.top_label + " (" + Math.round(100 * s.top_label_frac) + "% vs " + Math.round(100 * s.top_label_base) + "%)" : "–") : null,
+      ...meta.metrics.map((m) => stat(m, fmt(s[m]))),
+    );
+    const tabs = h("div", { class: "tabs" }, meta.rankings.map((r) => h("button", {
+      class: r === ranking ? "active" : "",
+      dataset: { ranking: r },
+      onclick: () => { ui.ranking = r; go("latent/" + a + "/" + j, { r }); },
+    }, { max: "max over patches", mean: "mean over patches", cls: "CLS token" }[r] || r)));
+    const opacity = h("input", { type: "range", min: 0, max: 1, step: 0.05, value: ui.opacity, class: "opacity" });
+    const cards = h("div", { class: "cards" });
+    const top = doc.rankings[ranking] || { images: [], values: [] };
+    const patches = meta.grid[0] * meta.grid[1];
+    const entries = top.images.map((image, n) => ({
+      image,
+      value: top.values[n],
+      info: imageInfo(sh, image),
+      map: Array.from(decodeMap(doc.maps[String(image)], patches), (q) => q / doc.levels),
+    }));
+
+    function drawCards() {
+      cards.replaceChildren(...entries.map((e) => {
+        const info = e.info;
+        const canvas = heatCanvas(meta.grid);
+        drawHeat(canvas, e.map, meta.grid, ui.opacity);
+        return h("div", {
+          class: "card",
+          dataset: { image: e.image },
+          title: info.source,
+          onclick: () => go("image/" + a + "/" + e.image, { l: j }),
+        },
+        h("div", { class: "thumbwrap" }, h("img", { src: thumbUrl(a, info), alt: "image " + e.image, loading: "lazy" }), canvas),
+        h("div", { class: "caption" }, "image " + e.image + " · " + fmt(e.value),
+          info.labels && info.labels.length ? h("div", { class: "labels", title: info.labels.join(", ") }, info.labels.join(", ")) : null));
+      }));
+    }
+    opacity.addEventListener("input", () => { ui.opacity = Number(opacity.value); drawCards(); });
+
+    const hist = h("canvas", { class: "hist", width: 520, height: 140 });
+    const nav = h("div", { class: "controls" },
+      j > 0 ? h("a", { href: "#/latent/" + a + "/" + (j - 1) }, "← latent " + (j - 1)) : null,
+      j + 1 < meta.sae.n_latents ? h("a", { href: "#/latent/" + a + "/" + (j + 1) }, "latent " + (j + 1) + " →") : null);
+    app.replaceChildren(h("section", { class: "panel latent-page", dataset: { analysis: a, latent: j } },
+      h("h2", {}, "Latent " + j, s.dead ? h("span", { class: "badge dead" }, "dead") : null),
+      h("div", { class: "meta" }, meta.name), nav, stats,
+      h("h3", {}, "Top images"),
+      h("div", { class: "controls" }, tabs, h("label", { class: "slider" }, "overlay", opacity)),
+      entries.length ? cards : h("p", { class: "muted" }, "This latent never fires under this ranking."),
+      h("h3", {}, "Activation histogram (patches where it fires)"),
+      doc.hist.counts.length ? hist : h("p", { class: "muted" }, "No activations.")));
+    drawCards();
+    if (doc.hist.counts.length) drawHist(hist, doc.hist);
+  }
+
+  function drawHist(canvas, hist) {
+    const ctx = canvas.getContext("2d");
+    const W = canvas.width, H = canvas.height, pad = 18;
+    const n = hist.counts.length;
+    const top = Math.max(...hist.counts);
+    ctx.clearRect(0, 0, W, H);
+    ctx.fillStyle = "#3b6ea8";
+    const bw = (W - 2 * pad) / n;
+    hist.counts.forEach((cnt, i) => {
+      const bh = (H - 2 * pad) * (cnt / top);
+      ctx.fillRect(pad + i * bw, H - pad - bh, Math.max(1, bw - 1), bh);
+    });
+    ctx.fillStyle = "#6b7280";
+    ctx.font = "11px sans-serif";
+    ctx.fillText(fmt(hist.edges[0]), pad, H - 4);
+    const last = fmt(hist.edges[hist.edges.length - 1]);
+    ctx.fillText(last, W - pad - ctx.measureText(last).width, H - 4);
+    ctx.fillText("max count " + top + " (log-spaced bins)", pad, 12);
+  }
+
+  async function renderImage(app, a, img, params) {
+    const index = await load("index");
+    const meta = index.analyses[a];
+    if (!meta) throw new Error("no analysis " + a);
+    // the other analyses of the same images that hold this image's codes: side by side
+    const ids = [a].concat(index.analyses
+      .filter((o) => o.id !== a && o.fingerprint && o.fingerprint === meta.fingerprint && o.code_images.includes(img))
+      .map((o) => o.id));
+    const [docs, shs] = await Promise.all([
+      Promise.all(ids.map((i) => load("a" + i + "/image/" + img))),
+      Promise.all(ids.map((i) => shared(i))),
+    ]);
+    setCrumbs(h("a", { href: "#/" }, "latents"), h("a", { href: "#/images/" + a }, "images"), h("span", {}, "image " + img));
+    const x = params.has("x") ? Number(params.get("x")) : null;
+    const y = params.has("y") ? Number(params.get("y")) : null;
+    const maxK = Math.max(...docs.map((d) => (d.codes ? d.codes.k : 1)));
+    const n = Math.min(maxK, Number(params.get("n") || Math.min(5, maxK)));
+    const focus = params.get("l");
+
+    const slider = h("input", { type: "range", id: "count-slider", min: 1, max: maxK, step: 1, value: n });
+    const sliderLabel = h("span", { class: "count-label" }, String(n));
+    slider.addEventListener("input", () => {
+      sliderLabel.textContent = slider.value;
+      panels.forEach((p) => p.list(Number(slider.value)));
+    });
+    slider.addEventListener("change", () => {
+      const p = Object.fromEntries(params);
+      p.n = slider.value;
+      history.replaceState(null, "", "#/image/" + a + "/" + img + "?" + new URLSearchParams(p));
+    });
+    const panels = ids.map((i, k) => imagePanel(index.analyses[i], docs[k], shs[k], x, y, n, i === a ? focus : null, (nx, ny) => {
+      const p = Object.fromEntries(params);
+      p.x = nx.toFixed(4);
+      p.y = ny.toFixed(4);
+      p.n = slider.value;
+      go("image/" + a + "/" + img, p);
+    }));
+    app.replaceChildren(
+      h("div", { class: "controls" }, h("h2", {}, "Image " + img),
+        h("label", { class: "slider" }, "latents per patch", slider, sliderLabel),
+        x === null ? h("span", { class: "muted" }, "click a patch to list the latents that fire there") : null),
+      h("div", { class: "columns" }, panels.map((p) => p.el)));
+  }
+
+  function imagePanel(meta, doc, sh, x, y, n, focus, onPick) {
+    const [gh, gw] = doc.grid;
+    const info = imageInfo(sh, doc.image);
+    const codes = doc.codes ? decodeCodes(doc.codes, gh * gw) : null;
+    const cols = sh.latents.columns;
+    const a = meta.id;
+    const canvas = heatCanvas(doc.grid, "overlay");
+    const list = h("div", { class: "patch-list" });
+    const el = h("section", { class: "panel image-panel", dataset: { analysis: a } },
+      h("h3", {}, meta.name),
+      h("div", { class: "meta" }, (info.labels && info.labels.length ? info.labels.join(", ") + " · " : "") + info.source),
+      h("div", { class: "imagebox" }, h("img", { src: thumbUrl(a, info), alt: "image " + doc.image }), canvas),
+      list);
+    const patch = x === null || y === null ? null
+      : Math.min(gh - 1, Math.floor(y * gh)) * gw + Math.min(gw - 1, Math.floor(x * gw));
+    let selected = focus === null || focus === undefined ? null : Number(focus);
+
+    function mapOf(latent) {
+      const vals = new Array(gh * gw).fill(0);
+      if (!codes || latent === null) return vals;
+      const scale = cols.max_patch[latent] || 1;
+      codes.latents.forEach((row, p) => {
+        const k = row.indexOf(latent);
+        if (k >= 0) vals[p] = codes.values[p][k] / scale;
+      });
+      return vals;
+    }
+
+    function drawOverlay() {
+      drawHeat(canvas, mapOf(selected), doc.grid, 0.75);
+      const ctx = canvas.getContext("2d");
+      const cw = canvas.width / gw, ch = canvas.height / gh;
+      ctx.strokeStyle = "rgba(255,255,255,0.18)";
+      ctx.lineWidth = 1;
+      for (let c = 1; c < gw; c++) { ctx.beginPath(); ctx.moveTo(c * cw, 0); ctx.lineTo(c * cw, canvas.height); ctx.stroke(); }
+      for (let r = 1; r < gh; r++) { ctx.beginPath(); ctx.moveTo(0, r * ch); ctx.lineTo(canvas.width, r * ch); ctx.stroke(); }
+      if (patch !== null) {
+        ctx.strokeStyle = "#00e5ff";
+        ctx.lineWidth = 3;
+        ctx.strokeRect((patch % gw) * cw + 1.5, Math.floor(patch / gw) * ch + 1.5, cw - 3, ch - 3);
+      }
+    }
+
+    canvas.addEventListener("click", (ev) => {
+      const r = canvas.getBoundingClientRect();
+      const px = Math.min(gw - 1, Math.floor(((ev.clientX - r.left) / r.width) * gw));
+      const py = Math.min(gh - 1, Math.floor(((ev.clientY - r.top) / r.height) * gh));
+      onPick((px + 0.5) / gw, (py + 0.5) / gh);
+    });
+
+    function latentRow(j, v) {
+      const label = cols.top_label[j];
+      const row = h("div", {
+        class: "patch-latent" + (j === selected ? " selected" : ""),
+        dataset: { latent: j, value: v },
+        onclick: () => { selected = selected === j ? null : j; drawOverlay(); renderList(current); },
+      },
+      h("div", {},
+        h("a", { href: "#/latent/" + a + "/" + j, onclick: (ev) => ev.stopPropagation() }, "latent " + j),
+        h("div", {}, "activation " + fmt(v)),
+        h("div", { class: "muted" }, "freq " + pct(cols.freq_patch[j]) + (label ? " · " + label : ""))),
+      h("div", { class: "exemplars" }, sh.latents.exemplars[j].map((e) => h("a", {
+        href: "#/image/" + a + "/" + e + "?l=" + j,
+        onclick: (ev) => ev.stopPropagation(),
+      }, h("img", {
+        src: thumbUrl(a, imageInfo(sh, e)),
+        title: "image " + e,
+        alt: "image " + e,
+        loading: "lazy",
+      })))));
+      return row;
+    }
+
+    let current = n;
+    function renderList(count) {
+      current = count;
+      if (!codes) {
+        list.replaceChildren(h("p", { class: "muted" }, "No per-patch codes stored for this image."));
+        return;
+      }
+      if (patch === null) {
+        const items = doc.cls ? doc.cls.latents.slice(0, count).map((j, k) => latentRow(j, doc.cls.values[k])) : [];
+        list.replaceChildren(...[
+          h("p", { class: "muted" }, "Click a patch of the image."),
+          items.length ? h("h3", {}, "Strongest CLS-token latents") : null, ...items].filter(Boolean));
+        return;
+      }
+      const lats = codes.latents[patch];
+      const vals = codes.values[patch];
+      const items = [];
+      for (let k = 0; k < Math.min(count, lats.length); k++) {
+        if (lats[k] < 0) break;
+        items.push(latentRow(lats[k], vals[k]));
+      }
+      list.replaceChildren(...[
+        h("h3", { class: "patch-title", dataset: { patch } }, "Patch (" + Math.floor(patch / gw) + ", " + (patch % gw) + ")"),
+        items.length ? null : h("p", { class: "muted" }, "No latent fires on this patch."),
+        ...items].filter(Boolean));
+    }
+
+    drawOverlay();
+    renderList(n);
+    return { el, list: renderList };
+  }
+
+  async function renderImages(app, a) {
+    const index = await load("index");
+    const meta = index.analyses[a];
+    if (!meta) throw new Error("no analysis " + a);
+    setCrumbs(h("a", { href: "#/" }, "latents"), h("span", {}, meta.name), h("span", {}, "images"));
+    app.replaceChildren(h("section", { class: "panel" },
+      h("h2", {}, "Sample images"),
+      h("div", { class: "meta" }, meta.sample.length + " images picked at random; every top image of a latent is reachable from its latent page"),
+      h("div", { class: "gallery" }, meta.sample.map((s) => h("a", { href: "#/image/" + a + "/" + s.image, dataset: { image: s.image } },
+        h("img", { src: thumbUrl(a, s), alt: "image " + s.image, loading: "lazy" }))))));
+  }
+
+  let lastPath = null;
+
+  async function render() {
+    const app = document.getElementById("app");
+    const { parts, params } = parseHash();
+    try {
+      if (parts[0] === "latent" && parts.length === 3) await renderLatent(app, Number(parts[1]), Number(parts[2]), params);
+      else if (parts[0] === "image" && parts.length === 3) await renderImage(app, Number(parts[1]), Number(parts[2]), params);
+      else if (parts[0] === "images" && parts.length === 2) await renderImages(app, Number(parts[1]));
+      else await renderHome(app);
+      const path = parts.join("/");
+      if (path !== lastPath) window.scrollTo(0, 0);
+      lastPath = path;
+    } catch (err) {
+      app.replaceChildren(h("p", { class: "error" }, String(err.message || err)));
+    }
+    document.body.dataset.ready = location.hash || "#/";
+  }
+
+  window.addEventListener("hashchange", render);
+  render();
+})();
