@@ -617,6 +617,18 @@ def test_shuffled_image_subset_exactly_once(tmp_path):
         list(store.shuffled(2, "patch", images=np.array([36])))
 
 
+def test_ordered_image_subset(tmp_path):
+    tagged_store(tmp_path / "s", "float32", [7, 7, 5])
+    store = ActivationStore.open(tmp_path / "s")
+    subset = np.array([18, 0, 6, 7, 13])
+    batches = list(store.ordered(2, "all", batch_images=2, images=subset))
+    ids = np.concatenate([i for i, _ in batches])
+    acts = np.concatenate([a for _, a in batches])
+    assert ids.tolist() == [0, 6, 7, 13, 18] and [len(i) for i, _ in batches] == [2, 2, 1]
+    assert np.array_equal(acts[:, :, 0], np.repeat(ids[:, None], 9, 1))
+    assert np.array_equal(acts[:, :, 1], np.tile(np.arange(9), (5, 1)))
+
+
 def test_shuffled_seeds_epochs_prefetch_and_mixing(tmp_path):
     tagged_store(tmp_path / "s", "float16", [8] * 10)
     store = ActivationStore.open(tmp_path / "s")

@@ -430,15 +430,30 @@ class ActivationStore:
         return np.array(self._shard(layer, shard)[local, token], dtype=np.float32)
 
     def ordered(
-        self, layer: int, tokens: str = "all", batch_images: int = 64
+        self,
+        layer: int,
+        tokens: str = "all",
+        batch_images: int = 64,
+        images: np.ndarray | None = None,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """`(image_ids [B] int64, acts [B, T_sel, d] float32)` in image order, `B <=
-        batch_images` (only the last batch is short)."""
+        batch_images` (only the last batch is short). `images` (store image indices) reads
+        only those, in increasing order."""
         if batch_images < 1:
             raise VisaeError(f"batch_images must be positive, not {batch_images}")
         sl = self._token_slice(layer, tokens)
         d = self.d(layer)
         n_sel = sl.stop - sl.start
+        if images is not None:
+            chosen = np.flatnonzero(self._image_mask(images))
+            for lo in range(0, len(chosen), batch_images):
+                ids = chosen[lo : lo + batch_images]
+                out = np.empty((len(ids), n_sel, d), dtype=np.float32)
+                for row, image in enumerate(ids):
+                    shard, local = self._locate(int(image))
+                    out[row] = self._shard(layer, shard)[local, sl]
+                yield ids.astype(np.int64), out
+            return
         for start in range(0, self.n_images, batch_images):
             stop = min(start + batch_images, self.n_images)
             out = np.empty((stop - start, n_sel, d), dtype=np.float32)
