@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_note, machine, write_section  # noqa: E402
+from common import load_note, machine, write_section
 
-from visae.backbones import DEFAULT_BACKBONE, load_backbone  # noqa: E402
-from visae.data import load_dataset  # noqa: E402
-from visae.store import extract  # noqa: E402
+from visae.backbones import DEFAULT_BACKBONE, load_backbone
+from visae.data import load_dataset
+from visae.store import extract
 
 TARGET = 0.05
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 from visae import __version__
 from visae.data import DATASET_SPECS_HELP
@@ -65,6 +69,242 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     store = ActivationStore.open(args.store, verify=not args.no_verify, allow_incomplete=True)
     print(store.summary())
+    return 0
+
+
+def _split(text: str | None, cast: Callable[[str], Any]) -> list[Any] | None:
+    """`"16,32"` -> `[16, 32]` (a sweep over the values), None when the flag is absent."""
+    if text is None:
+        return None
+    try:
+        return [cast(t.strip()) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise VisaeError(f"cannot read {text!r} as a comma-separated list") from None
+
+
+def _fraction(text: str) -> float:
+    num, _, den = text.partition("/")
+    return float(num) / float(den) if den else float(num)
+
+
+SWEEP_FLAGS: dict[str, Callable[[str], Any]] = {
+    "arch": str,
+    "k": int,
+    "n_latents": int,
+    "expansion": float,
+    "lr": float,
+    "l1_coeff": float,
+    "l0_coeff": float,
+    "compute_dtype": str,
+    "b_dec_init": str,
+}
+TRAIN_FLAGS = (
+    "layer",
+    "tokens",
+    "batch_size",
+    "total_tokens",
+    "beyond_epoch",
+    "lr_warmup_steps",
+    "sparsity_warmup_steps",
+    "eval_every_tokens",
+    "checkpoint_every_tokens",
+    "seed",
+)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from visae.analysis.plots import plot_nmse_l0
+    from visae.store import ActivationStore
+    from visae.train import (
+        SweepEntry,
+        TrainConfig,
+        expand_runs,
+        load_sweep_file,
+        resolve_layer,
+        train,
+    )
+
+    settings, entries = load_sweep_file(args.config) if args.config else ({}, [])
+    if args.store:
+        settings["store"] = args.store
+    settings["out"] = args.out
+    settings.update({f: getattr(args, f) for f in TRAIN_FLAGS if getattr(args, f) is not None})
+    cfg = TrainConfig(**settings)
+    cfg.validate()
+    flags = {f: _split(getattr(args, f), cast) for f, cast in SWEEP_FLAGS.items()}
+    flags = {f: v for f, v in flags.items() if v is not None}
+    if args.matryoshka:
+        flags["matryoshka"] = [tuple(_split(args.matryoshka, _fraction) or [])]
+    if flags or not entries:
+        entries = [SweepEntry({**e.values, **flags}) for e in entries] or [
+            SweepEntry({"arch": "topk", **flags})
+        ]
+    store = ActivationStore.open(cfg.store, verify=False, progress=False)
+    runs = expand_runs(entries, d=store.d(resolve_layer(store, cfg.layer)))
+    finals = train(cfg, runs, progress=not args.quiet)
+    plot = plot_nmse_l0([cfg.out], Path(cfg.out) / "nmse_l0.png")
+    summary = json.loads((Path(cfg.out) / "summary.json").read_text())
+    width = max(len(n) for n in finals)
+    print(f"{'run':<{width}}  {'nmse':>7} {'l0':>7} {'dead':>6}  checkpoint")
+    for name, path in finals.items():
+        m = summary[name]
+        print(f"{name:<{width}}  {m['nmse']:7.4f} {m['l0']:7.2f} {m['dead_fraction']:6.1%}  {path}")
+    print(f"NMSE-L0 plot: {plot}")
+    return 0
+
+
+def _cmd_eval_recon(args: argparse.Namespace) -> int:
+    from itertools import islice
+
+    from visae.sae import SAE
+    from visae.store import ActivationStore
+    from visae.train import evaluate, resolve_layer
+
+    sae = SAE.load(args.sae)
+    info = sae.checkpoint_info
+    store = ActivationStore.open(args.store, progress=not args.quiet)
+    layer = resolve_layer(store, args.layer if args.layer is not None else info.get("layer"))
+    tokens = args.tokens or info["metadata"].get("tokens", "patch")
+    if store.d(layer) != sae.d:
+        raise VisaeError(
+            f"SAE width d={sae.d} does not match the store's d={store.d(layer)} at layer {layer}"
+        )
+    batches = (a.reshape(-1, a.shape[-1]) for _, a in store.ordered(layer, tokens, 32))
+    if args.max_images:
+        batches = islice(batches, -(-args.max_images // 32))
+    metrics = evaluate(sae, batches)
+    print(f"sae     {args.sae}\nstore   {args.store}  layer {layer}, {tokens} tokens")
+    for key, value in metrics.items():
+        print(f"{key:<18} {value:.3f}" if isinstance(value, float) else f"{key:<18} {value}")
+    return 0
+
+
+def _dataset_for(store: Any, spec: str | None, progress: bool) -> Any:
+    """The images behind a store: `spec` when given, else the store's own dataset name when
+    it is a loadable spec with the same fingerprint (e.g. the default scenes), else None
+    (thumbnails then come from the file paths recorded in the store)."""
+    from visae.data import load_dataset
+
+    if spec:
+        return load_dataset(spec, progress=progress)
+    try:
+        dataset = load_dataset(store.dataset["name"], progress=progress)
+    except VisaeError:
+        return None
+    return dataset if dataset.fingerprint == store.dataset["fingerprint"] else None
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from visae.analysis import AnalysisConfig, run_analysis
+    from visae.sae import SAE
+    from visae.store import ActivationStore
+
+    config = AnalysisConfig(
+        top_n=args.top_n,
+        sample_images=args.sample_images,
+        patch_codes_k=args.patch_codes_k,
+        thumb_size=args.thumb_size,
+    )
+    sae = SAE.load(args.sae)
+    store = ActivationStore.open(args.store, progress=not args.quiet)
+    analysis = run_analysis(
+        sae,
+        store,
+        args.out,
+        layer=args.layer,
+        dataset=_dataset_for(store, args.dataset, not args.quiet),
+        config=config,
+        name=args.name,
+        device=args.device,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    print(
+        f"analysis of {len(analysis.dead)} latents ({int(analysis.dead.sum())} dead) "
+        f"written to {args.out}\nbrowse it: visae view {args.out}"
+    )
+    return 0
+
+
+def _cmd_view(args: argparse.Namespace) -> int:
+    from visae.viewer import export_static, serve
+
+    if args.export:
+        root = export_static(args.analyses, args.export, overwrite=args.overwrite)
+        print(f"static browser written; open {Path(root).resolve() / 'index.html'}")
+        return 0
+    serve(args.analyses, host=args.host, port=args.port, open_browser=args.open)
+    return 0
+
+
+DEMO_LAYER = 10
+DEMO_TOKENS = 600_000
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """The whole loop on the embedded default: scenes -> DINOv2-S activations -> a TopK SAE ->
+    analysis -> static feature browser. Every stage reuses what an earlier run finished."""
+    from visae.analysis import run_analysis
+    from visae.analysis.plots import plot_nmse_l0
+    from visae.backbones import DEFAULT_BACKBONE, load_backbone
+    from visae.data import load_dataset
+    from visae.sae import SAEConfig
+    from visae.store import extract
+    from visae.train import RunSpec, TrainConfig, train
+    from visae.viewer import export_static
+
+    out, progress = Path(args.out), not args.quiet
+    times: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        times[stage] = now - clock
+        clock = now
+        print(f"[demo] {stage} done in {times[stage]:.0f} s", flush=True)
+
+    dataset = load_dataset("scenes", progress=progress)
+    lap("scenes")
+    backbone = load_backbone(DEFAULT_BACKBONE)
+    store = extract(backbone, dataset, out / "store", layers=[DEMO_LAYER], progress=progress)
+    print(store.summary())
+    lap("extract")
+    cfg = TrainConfig(
+        store=str(out / "store"),
+        out=str(out / "runs"),
+        layer=DEMO_LAYER,
+        total_tokens=args.tokens,
+        eval_every_tokens=args.tokens // 4,
+        checkpoint_every_tokens=args.tokens // 2,
+    )
+    run = RunSpec(
+        "topk-k32",
+        SAEConfig(arch="topk", d=store.d(DEMO_LAYER), k=32, n_latents=16 * store.d(DEMO_LAYER)),
+        2e-3,
+    )
+    sae_dir = train(cfg, [run], progress=progress)[run.name]
+    plot = plot_nmse_l0([cfg.out], out / "runs" / "nmse_l0.png")
+    summary = json.loads((out / "runs" / "summary.json").read_text())[run.name]
+    print(
+        f"SAE {sae_dir}: held-out NMSE {summary['nmse']:.3f}, explained variance "
+        f"{summary['explained_variance']:.3f}, L0 {summary['l0']:.1f}; plot {plot}"
+    )
+    lap("train")
+    analysis = run_analysis(
+        sae_dir, store, out / "analysis", dataset=dataset, overwrite=True, progress=progress
+    )
+    lap("analyze")
+    root = export_static([analysis], out / "browser", overwrite=True, progress=progress)
+    lap("browser")
+    print(
+        f"[demo] finished in {sum(times.values()):.0f} s: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
+    )
+    print(
+        f"[demo] open {Path(root).resolve() / 'index.html'} "
+        f"(or serve it: visae view {out / 'analysis'})"
+    )
     return 0
 
 
@@ -135,6 +375,92 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("--no-verify", action="store_true", help="skip checksum verification")
     p.set_defaults(handler=_cmd_info)
+    p = sub.add_parser(
+        "train",
+        help="train one SAE or a sweep of SAEs on a store (resumes an interrupted run)",
+        description="Every comma-separated value list of an SAE flag is swept (product of "
+        "all lists); all runs share one shuffled stream. A --config TOML/JSON file holds "
+        "[train] settings and [[sae]] entries; flags override it.",
+    )
+    p.add_argument("store", nargs="?", help="activation store (or `store` in --config)")
+    p.add_argument("--out", required=True, help="output folder: a subfolder per run")
+    p.add_argument("--config", help="sweep file (TOML or JSON)")
+    p.add_argument("--arch", help="relu, topk, batchtopk, jumprelu (default topk)")
+    p.add_argument("--k", help="active latents per token (TopK family)")
+    p.add_argument("--n-latents", help="dictionary size (default: 16 x d)")
+    p.add_argument("--expansion", help="dictionary size as a multiple of d")
+    p.add_argument("--lr", help="learning rate (default: 2e-4 / sqrt(n_latents / 2^14))")
+    p.add_argument("--l1-coeff", help="L1 coefficient (relu)")
+    p.add_argument("--l0-coeff", help="L0 coefficient (jumprelu)")
+    p.add_argument("--matryoshka", help="nested prefix fractions, e.g. 1/16,1/8,1/4,9/16,1")
+    p.add_argument("--compute-dtype", help="float32 or bfloat16 (TopK family encoder matmul)")
+    p.add_argument("--b-dec-init", help="mean or geometric_median")
+    p.add_argument("--layer", type=int, help="store layer (default: its last)")
+    p.add_argument("--tokens", choices=["patch", "cls", "all"], help="default patch")
+    p.add_argument("--batch-size", type=int, help="tokens per step (default 4096)")
+    p.add_argument("--total-tokens", type=int, help="default: one epoch of the training images")
+    p.add_argument(
+        "--beyond-epoch",
+        choices=["continue", "stop"],
+        help="when --total-tokens exceeds an epoch (default continue)",
+    )
+    p.add_argument("--lr-warmup-steps", type=int)
+    p.add_argument("--sparsity-warmup-steps", type=int)
+    p.add_argument("--eval-every-tokens", type=int)
+    p.add_argument("--checkpoint-every-tokens", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_cmd_train)
+
+    p = sub.add_parser("eval-recon", help="reconstruction metrics of an SAE on a store")
+    p.add_argument("sae", help="SAE checkpoint folder (or hub repo id)")
+    p.add_argument("store")
+    p.add_argument("--layer", type=int, help="default: the layer the SAE was trained on")
+    p.add_argument(
+        "--tokens",
+        choices=["patch", "cls", "all"],
+        help="default: the tokens the SAE was trained on",
+    )
+    p.add_argument("--max-images", type=int, help="evaluate on the first N images only")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_cmd_eval_recon)
+    p = sub.add_parser("analyze", help="per-latent statistics, top images and patch maps of an SAE")
+    p.add_argument("sae", help="SAE checkpoint folder (or hub repo id)")
+    p.add_argument("store", help="activation store to analyse")
+    p.add_argument("--out", required=True, help="analysis folder to write")
+    p.add_argument("--layer", type=int, help="default: the layer the SAE was trained on")
+    p.add_argument("--dataset", help="dataset spec for thumbnails (default: the store's own)")
+    p.add_argument("--top-n", type=int, default=16, help="top images per latent and ranking")
+    p.add_argument(
+        "--sample-images",
+        type=int,
+        default=200,
+        help="extra images with per-patch codes, for the image pages",
+    )
+    p.add_argument("--patch-codes-k", type=int, default=16, help="latents kept per patch")
+    p.add_argument("--thumb-size", type=int, default=160, help="thumbnail side in pixels")
+    p.add_argument("--name", help="display name (default: from the SAE and store)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing analysis")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_cmd_analyze)
+
+    p = sub.add_parser("view", help="browse analyses in a local web app, or export it as files")
+    p.add_argument("analyses", nargs="+", help="one analysis folder, or two side by side")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--open", action="store_true", help="open a web browser")
+    p.add_argument("--export", help="write the pages as static files to this folder instead")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    p.set_defaults(handler=_cmd_view)
+    p = sub.add_parser(
+        "demo",
+        help="the whole loop on the default scenes and DINOv2-S, ending in a static browser",
+    )
+    p.add_argument("--out", default="demo-out", help="output folder (reused on a second run)")
+    p.add_argument("--tokens", type=int, default=DEMO_TOKENS, help="SAE training tokens")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_cmd_demo)
     return parser
 
 
