@@ -645,3 +645,23 @@ def test_load_by_hub_id_goes_through_the_same_code(tmp_path: Path) -> None:
     assert torch.equal(loaded.encode(x), sae.encode(x))
     with pytest.raises(VisaeError, match="could not fetch SAE checkpoint 'someone/other'"):
         SAE.load("someone/other", cache_dir=tmp_path / "hub", local_files_only=True)
+
+
+@pytest.mark.parametrize("arch", ["relu", "jumprelu"])
+def test_dense_saes_start_near_identity(arch: str) -> None:
+    """At initialisation a dense SAE reconstructs isotropic input better than its mean
+    (unscaled, the tied encoder gives x_hat ~ (n / 2d) x, an NMSE near 9 at 8x)."""
+    d, n = 64, 512
+    sae = SAE.create(SAEConfig(arch=arch, d=d, n_latents=n))
+    assert torch.allclose(sae.W_enc, sae.W_dec * (2 * d / n))
+    x = torch.randn(4096, d, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x_hat, _, _ = sae(x)
+    nmse = float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+    assert nmse < 0.6
+
+
+def test_top_level_load_is_the_sae_loader() -> None:
+    import visae
+
+    assert visae.SAE is SAE

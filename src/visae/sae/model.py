@@ -268,7 +268,8 @@ class SAE(nn.Module):
         if not self.cfg.normalize_decoder or grad is None:
             return
         rows = self.W_dec.detach()
-        coef = torch.linalg.vecdot(grad, rows) / torch.linalg.vecdot(rows, rows).clamp_min(1e-30)
+        norms = torch.linalg.vector_norm(rows, dim=1)
+        coef = torch.linalg.vecdot(grad, rows) / norms.square().clamp_min(1e-30)
         grad.addcmul_(coef[:, None], rows, value=-1.0)
 
     @torch.no_grad()

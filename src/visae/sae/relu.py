@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from visae.sae.config import SAEConfig
 from visae.sae.model import SAE, LossOutput
 from visae.sae.sparse import SparseCodes
 
@@ -25,6 +26,15 @@ class ReLUSAE(SAE):
     """
 
     arch = "relu"
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        # With unit encoder rows about half of all latents fire at ~N(0, 1) on normalised
+        # input, and the reconstruction sum(codes * atoms) ~ (n_latents / 2d) x: scaling the
+        # encoder by 2d / n_latents starts the dense SAEs near x_hat = x instead of several
+        # times x (NMSE ~ (n/2d - 1)^2), which Adam's small steps take long to undo.
+        with torch.no_grad():
+            self.W_enc.mul_(min(1.0, 2 * cfg.d / cfg.n_latents))
 
     def _activate(self, pre: Tensor) -> Tensor:
         return torch.relu(pre)
