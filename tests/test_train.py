@@ -181,7 +181,7 @@ def test_killed_and_resumed_run_gives_the_same_weights(store: Path, tmp_path: Pa
 def test_sparsity_warmup_reaches_the_loss(store: Path, tmp_path: Path) -> None:
     run = RunSpec("relu", SAEConfig(arch="relu", d=D, n_latents=N_ATOMS, l1_coeff=2e-3), 1e-3)
     train(
-        small_cfg(store, tmp_path / "out", total_tokens=256 * 30, sparsity_warmup_steps=15),
+        small_cfg(store, tmp_path / "out", total_tokens=256 * 200, sparsity_warmup_steps=15),
         [run],
         progress=False,
     )
@@ -193,6 +193,15 @@ def test_sparsity_warmup_reaches_the_loss(store: Path, tmp_path: Path) -> None:
             r["sparsity_scale"] * 2e-3 * r["sparsity_penalty"], rel=1e-5
         )
         assert r["loss"] == pytest.approx(r["recon"] + r["sparsity"], rel=1e-5)
+    # a warm-up longer than the run is capped at a tenth of it, so the full penalty still
+    # reaches the loss
+    train(
+        small_cfg(store, tmp_path / "long", total_tokens=256 * 30, sparsity_warmup_steps=10**6),
+        [run],
+        progress=False,
+    )
+    log = read_log(tmp_path / "long" / "relu" / "metrics.jsonl")
+    assert next(r["sparsity_scale"] for r in log if r["kind"] == "train") == 1.0  # step 10 of 30
 
 
 def test_schedules() -> None:

@@ -130,6 +130,10 @@ class Trainer:
             )
         self.total_tokens = wanted
         self.total_steps = math.ceil(wanted / cfg.batch_size)
+        # A warm-up longer than the run would keep the full L1/L0 penalty (or learning rate)
+        # from ever reaching the loss: cap both at a tenth of the run.
+        self.lr_warmup = min(cfg.lr_warmup_steps, self.total_steps // 10)
+        self.sparsity_warmup = min(cfg.sparsity_warmup_steps, self.total_steps // 10)
         self.out = Path(cfg.out)
 
     # -- set-up -----------------------------------------------------------------------------
@@ -295,9 +299,9 @@ class Trainer:
                 x = torch.from_numpy(batch)
                 step = state["step"]
                 factor = lr_factor(
-                    step, self.total_steps, cfg.lr_warmup_steps, cfg.lr_decay, cfg.lr_decay_start
+                    step, self.total_steps, self.lr_warmup, cfg.lr_decay, cfg.lr_decay_start
                 )
-                sparsity = sparsity_factor(step, cfg.sparsity_warmup_steps)
+                sparsity = sparsity_factor(step, self.sparsity_warmup)
                 logs = {}
                 for name, (sae, opt) in models.items():
                     for group in opt.param_groups:
