@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import re
 import shutil
 import sys
 import tempfile
@@ -27,33 +25,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine, write_section
+
 from visae.analysis import AnalysisConfig, run_analysis, stream_pass
 from visae.sae import SAE, SAEConfig
 from visae.store import ActivationStore, LayerSpec, StoreSpec, StoreWriter
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "bench_analysis"
 LAYER = 0
-
-
-def machine() -> str:
-    """CPU model, cores, RAM and library versions, for the results file."""
-    cpu = platform.processor() or "unknown CPU"
-    ram = "RAM unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                ram = f"{int(line.split()[1]) / 2**20:.0f} GiB RAM"
-    except OSError:
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {ram}; Python {platform.python_version()}, "
-        f"numpy {np.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
-    )
 
 
 class NoiseImages:
@@ -102,20 +82,6 @@ def encode_all(sae: SAE, store: ActivationStore, batch_images: int, sparse: bool
             x = torch.from_numpy(acts)
             enc(x.reshape(-1, x.shape[-1]))
     return time.perf_counter() - t0
-
-
-def write_section(text: str) -> None:
-    """Replace this script's section of RESULTS.md (or append it), keeping the others."""
-    begin, end = f"<!-- {SECTION}:begin -->", f"<!-- {SECTION}:end -->"
-    block = f"{begin}\n{text.rstrip()}\n{end}\n"
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
-    new = (
-        pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block
-    )
-    tmp = RESULTS.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    tmp.replace(RESULTS)
 
 
 def main() -> int:
@@ -200,7 +166,7 @@ def main() -> int:
                 "```",
             ]
         )
-        write_section(section)
+        write_section(SECTION, section)
         print(f"updated {RESULTS}")
     return 0
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import re
 import sys
 import tempfile
 import time
@@ -22,39 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine, write_section
+
 from visae.store import ActivationStore, LayerSpec, StoreSpec, StoreWriter
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "bench_reader"
 TARGET = 0.5
-
-
-def machine() -> str:
-    """CPU model, cores, RAM and library versions, for the results table."""
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        mem_kb = next(
-            int(line.split()[1])
-            for line in Path("/proc/meminfo").read_text().splitlines()
-            if line.startswith("MemTotal")
-        )
-        ram = f"{mem_kb / 2**20:.0f} GiB RAM"
-    except (OSError, StopIteration):
-        ram = "RAM unknown"
-    try:
-        import torch
-
-        torch_version = torch.__version__
-    except ImportError:
-        torch_version = "absent"
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {ram}; Python {platform.python_version()}, "
-        f"numpy {np.__version__}, torch {torch_version}"
-    )
 
 
 def build_store(path: Path, n_images: int, grid: int, d: int, shard_images: int) -> None:
@@ -92,20 +64,6 @@ def shuffled(store: ActivationStore, batch: int, seed: int, prefetch: int) -> tu
     for b in store.shuffled(0, "patch", batch_size=batch, seed=seed, prefetch=prefetch):
         tokens += b.shape[0]
     return tokens, time.perf_counter() - t0
-
-
-def write_section(text: str) -> None:
-    """Replace this script's section of RESULTS.md (or append it), keeping the others."""
-    begin, end = f"<!-- {SECTION}:begin -->", f"<!-- {SECTION}:end -->"
-    block = f"{begin}\n{text.rstrip()}\n{end}\n"
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
-    new = (
-        pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block
-    )
-    tmp = RESULTS.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    tmp.replace(RESULTS)
 
 
 def main() -> int:
@@ -167,7 +125,7 @@ def main() -> int:
                 "```",
             ]
         )
-        write_section(section)
+        write_section(SECTION, section)
         print(f"updated {RESULTS}")
     return 0
 

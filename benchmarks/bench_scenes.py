@@ -14,51 +14,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import re
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine, write_section
 
 from visae.data.scenes import SceneConfig, SceneGenerator, generate_scenes
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "bench_scenes"
 TARGET = 100.0
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    mem = 0
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal"):
-            mem = int(line.split()[1]) // (1024 * 1024)
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {mem} GiB RAM; Python {platform.python_version()}, "
-        f"numpy {np.__version__}, torch {torch.__version__}"
-    )
-
-
-def write_section(text: str) -> None:
-    """Replace this script's section of RESULTS.md (or append it), keeping the others."""
-    begin, end = f"<!-- {SECTION}:begin -->", f"<!-- {SECTION}:end -->"
-    block = f"{begin}\n{text.rstrip()}\n{end}\n"
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
-    new = (
-        pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block
-    )
-    tmp = RESULTS.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    tmp.replace(RESULTS)
 
 
 def render_only(gen: SceneGenerator) -> float:
@@ -116,10 +84,11 @@ def main() -> int:
     print(text)
     if not args.no_write:
         write_section(
+            SECTION,
             "## Scene rendering (bench_scenes.py)\n\n"
             f"Machine: {machine()}\n"
             f"Command: `python benchmarks/bench_scenes.py` (best of {args.repeats}; "
-            f"target {TARGET:.0f} scenes/s at 224 px)\n\n```\n{text}\n```"
+            f"target {TARGET:.0f} scenes/s at 224 px)\n\n```\n{text}\n```",
         )
         print(f"updated {RESULTS}")
     return 0
