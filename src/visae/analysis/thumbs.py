@@ -10,45 +10,7 @@ from typing import Any
 from PIL import Image
 
 from visae.errors import VisaeError
-
-_RESAMPLE = {
-    "nearest": Image.Resampling.NEAREST,
-    "lanczos": Image.Resampling.LANCZOS,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-}
-
-
-def model_view(image: Image.Image, preprocessing: dict[str, Any]) -> Image.Image:
-    """The RGB image after the geometric steps of a backbone's preprocessing (resize, then
-    center crop, as described by the store's `backbone.preprocessing`), before any rescaling or
-    normalisation. A description without those steps means the model saw the whole image."""
-    image = image.convert("RGB")
-    resize = preprocessing.get("resize")
-    resample = _RESAMPLE.get(str(preprocessing.get("resample", "bilinear")))
-    if resample is None:
-        raise VisaeError(f"store preprocessing has unknown resample {preprocessing['resample']!r}")
-    w, h = image.size
-    if resize and "shortest_edge" in resize:
-        edge = int(resize["shortest_edge"])
-        if w <= h:
-            new_w, new_h = edge, int(edge * h / w)
-        else:
-            new_w, new_h = int(edge * w / h), edge
-    elif resize and {"height", "width"} <= set(resize):
-        new_w, new_h = int(resize["width"]), int(resize["height"])
-    else:
-        new_w, new_h = w, h
-    if (new_w, new_h) != (w, h):
-        image = image.resize((new_w, new_h), resample)
-    crop = preprocessing.get("center_crop")
-    if crop:
-        ch, cw = int(crop[0]), int(crop[1])
-        top, left = (new_h - ch) // 2, (new_w - cw) // 2
-        image = image.crop((left, top, left + cw, top + ch))
-    return image
+from visae.geometry import model_view
 
 
 def make_thumbnail(image: Image.Image, preprocessing: dict[str, Any], size: int) -> Image.Image:

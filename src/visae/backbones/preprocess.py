@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from visae.errors import VisaeError
+from visae.geometry import RESAMPLE, model_view
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,14 +33,6 @@ _RESAMPLE_BY_CODE = {
     3: "bicubic",
     4: "box",
     5: "hamming",
-}
-_PIL_RESAMPLE = {
-    "nearest": Image.Resampling.NEAREST,
-    "lanczos": Image.Resampling.LANCZOS,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
 }
 
 
@@ -65,10 +58,9 @@ class Preprocessor:
     def __post_init__(self) -> None:
         if self.shortest_edge is not None and self.resize_hw is not None:
             raise VisaeError("preprocessing: give either shortest_edge or resize_hw, not both")
-        if self.resample not in _PIL_RESAMPLE:
+        if self.resample not in RESAMPLE:
             raise VisaeError(
-                f"preprocessing: unknown resample {self.resample!r} "
-                f"(known: {', '.join(_PIL_RESAMPLE)})"
+                f"preprocessing: unknown resample {self.resample!r} (known: {', '.join(RESAMPLE)})"
             )
         if self.crop_hw is None and self.resize_hw is None:
             raise VisaeError(
@@ -101,32 +93,9 @@ class Preprocessor:
             "source": self.source,
         }
 
-    def _resize(self, image: Image.Image) -> Image.Image:
-        w, h = image.size
-        if self.shortest_edge is not None:
-            short, long = (w, h) if w <= h else (h, w)
-            new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)
-            new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-        elif self.resize_hw is not None:
-            new_h, new_w = self.resize_hw
-        else:
-            return image
-        if (new_w, new_h) == (w, h):
-            return image
-        return image.resize((new_w, new_h), _PIL_RESAMPLE[self.resample])
-
-    def _crop(self, image: Image.Image) -> Image.Image:
-        if self.crop_hw is None:
-            return image
-        ch, cw = self.crop_hw
-        w, h = image.size
-        top, left = (h - ch) // 2, (w - cw) // 2
-        # PIL fills the part of the box outside the image with zeros
-        return image.crop((left, top, left + cw, top + ch))
-
     def pixels(self, image: Image.Image) -> np.ndarray:
         """One image -> `[3, H, W]` float32."""
-        image = self._crop(self._resize(image.convert("RGB")))
+        image = model_view(image, self.to_dict())
         x = np.asarray(image, dtype=np.float32) * np.float32(self.rescale_factor)
         x = (x - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
         return np.ascontiguousarray(x.transpose(2, 0, 1))

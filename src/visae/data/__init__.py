@@ -10,7 +10,6 @@ from visae.data.base import ImageDataset
 from visae.data.coco import CocoDataset
 from visae.data.cub import Cub200Dataset
 from visae.data.default import DEFAULT_SCENES, cache_dir, cached_scenes, default_scenes
-from visae.data.masks import preprocessing_box
 from visae.data.scene_dataset import SceneDataset
 from visae.data.scenes import (
     PAIR_KINDS,
@@ -22,6 +21,7 @@ from visae.data.scenes import (
 from visae.data.standard import FashionMNIST, ImageFolder, SkimagePhotos, Subset
 from visae.data.taxonomy import Taxonomy
 from visae.errors import VisaeError
+from visae.geometry import preprocessing_box
 
 DATASET_SPECS_HELP = """dataset specs:
   scenes                  the default concept scenes (rendered once, cached)

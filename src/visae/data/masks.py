@@ -157,35 +157,6 @@ def bbox_of(mask: np.ndarray) -> list[float]:
     ]
 
 
-def preprocessing_box(
-    preprocessing: dict[str, Any], width: int, height: int
-) -> tuple[float, float, float, float]:
-    """Region `(x0, y0, x1, y1)` of a `width` x `height` image that a model's input covers, read
-    from a backbone's JSON `preprocessing` dict (`resize`: shortest_edge or height/width, then
-    `center_crop`, as `visae.backbones.Preprocessor` applies them). Pass it as `box` to
-    `patch_labels` so patch labels line up with the model's token grid."""
-    resize = preprocessing.get("resize")
-    if not resize:
-        new_w, new_h = width, height
-    elif "shortest_edge" in resize:
-        edge = int(resize["shortest_edge"])
-        short, long = (width, height) if width <= height else (height, width)
-        new_short, new_long = edge, int(edge * long / short)
-        new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
-    elif {"height", "width"} <= set(resize):
-        new_w, new_h = int(resize["width"]), int(resize["height"])
-    else:
-        raise VisaeError(f"preprocessing resize {resize!r} not understood")
-    crop = preprocessing.get("center_crop")
-    if crop:
-        ch, cw = int(crop[0]), int(crop[1])
-        top, left = (new_h - ch) // 2, (new_w - cw) // 2
-    else:
-        ch, cw, top, left = new_h, new_w, 0, 0
-    sx, sy = width / new_w, height / new_h
-    return (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
-
-
 def _overlap_weights(n_cells: int, start: float, stop: float, n_pixels: int) -> np.ndarray:
     """`[n_cells, n_pixels]`: fraction of each cell's extent covered by each pixel."""
     edges = start + (stop - start) * np.arange(n_cells + 1) / n_cells
