@@ -1,0 +1,152 @@
+"""SAE quality on real activations: NMSE vs L0 of ReLU+L1, TopK, BatchTopK, JumpReLU and
+Matryoshka-TopK on the real DINOv2-S (layer 10 patch tokens) of the default concept scenes.
+
+Targets: the TopK family beats ReLU+L1 at equal L0 (ReLU's NMSE interpolated in log L0 at
+each TopK-family point); dead latents < 5% with AuxK on. All runs share one trainer stream.
+Writes benchmarks/sae_quality.png and its section of RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import load_note, machine, write_section
+
+from visae.analysis.plots import plot_nmse_l0
+from visae.backbones import DEFAULT_BACKBONE, load_backbone
+from visae.data import cache_dir, load_dataset
+from visae.sae import SAEConfig
+from visae.store import ActivationStore, extract
+from visae.train import RunSpec, TrainConfig, train
+
+LAYER = 10
+HERE = Path(__file__).resolve().parent
+MATRYOSHKA = (1 / 16, 1 / 8, 1 / 4, 9 / 16, 1.0)
+TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
+
+
+def sweep(d: int, n: int, dead_after: int) -> list[RunSpec]:
+    runs = []
+    for k in (8, 16, 32, 64):
+        for arch in ("topk", "batchtopk"):
+            cfg = SAEConfig(arch=arch, d=d, n_latents=n, k=k, dead_after_tokens=dead_after)
+            runs.append(RunSpec(f"{arch}-k{k}", cfg, 2e-3))
+        cfg = SAEConfig(
+            arch="topk", d=d, n_latents=n, k=k, matryoshka=MATRYOSHKA, dead_after_tokens=dead_after
+        )
+        runs.append(RunSpec(f"matryoshka-k{k}", cfg, 2e-3))
+    for l1 in (0.03, 0.1, 0.3, 1.0):
+        cfg = SAEConfig(arch="relu", d=d, n_latents=n, l1_coeff=l1, dead_after_tokens=dead_after)
+        runs.append(RunSpec(f"relu-l1{l1:g}", cfg, 2e-3))
+    for l0 in (0.003, 0.01, 0.03, 0.1):
+        cfg = SAEConfig(
+            arch="jumprelu", d=d, n_latents=n, l0_coeff=l0, dead_after_tokens=dead_after
+        )
+        runs.append(RunSpec(f"jumprelu-l0{l0:g}", cfg, 2e-3))
+    return runs
+
+
+def relu_at(l0: float, relu: list[tuple[float, float]]) -> float | None:
+    """ReLU+L1's NMSE interpolated (linearly in log L0) at `l0`; None outside its range."""
+    pts = sorted(relu)
+    xs = np.log([p[0] for p in pts])
+    if not pts or not xs[0] <= np.log(l0) <= xs[-1]:
+        return None
+    return float(np.interp(np.log(l0), xs, [p[1] for p in pts]))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--store", help="existing store of the scenes (default: extract one)")
+    ap.add_argument("--out", default=str(cache_dir() / "bench-sae-quality"))
+    ap.add_argument("--tokens", type=int, default=600_000)
+    ap.add_argument("--n-latents", type=int, default=3072)
+    ap.add_argument("--dead-after", type=int, default=200_000)
+    ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    args = ap.parse_args()
+
+    out = Path(args.out)
+    store_path = Path(args.store) if args.store else out / "store"
+    if not args.store:
+        extract(load_backbone(DEFAULT_BACKBONE), load_dataset("scenes"), store_path, layers=[LAYER])
+    store = ActivationStore.open(store_path)
+    note = load_note()
+    d = store.d(LAYER)
+    runs = sweep(d, args.n_latents, args.dead_after)
+    cfg = TrainConfig(
+        store=str(store_path),
+        out=str(out / f"runs-{args.tokens}"),
+        layer=LAYER,
+        total_tokens=args.tokens,
+        eval_every_tokens=args.tokens // 3,
+        checkpoint_every_tokens=args.tokens,
+    )
+    start = time.perf_counter()
+    train(cfg, runs)
+    seconds = time.perf_counter() - start
+    summary = json.loads((Path(cfg.out) / "summary.json").read_text())
+    plot_nmse_l0([cfg.out], HERE / "sae_quality.png")
+
+    relu = [(summary[r.name]["l0"], summary[r.name]["nmse"]) for r in runs if r.sae.arch == "relu"]
+    rows = [
+        f"{'run':<18} {'L0':>7} {'NMSE':>7} {'ReLU NMSE at L0':>16} {'dead (eval)':>11} "
+        f"{'dead (train)':>12}"
+    ]
+    wins, compared, worst_dead = 0, 0, 0.0
+    for r in runs:
+        m = summary[r.name]
+        family = r.name.split("-")[0]
+        ref = relu_at(m["l0"], relu) if family in TOPK_FAMILY else None
+        if ref is not None:
+            compared += 1
+            wins += m["nmse"] < ref
+        if family in TOPK_FAMILY:
+            worst_dead = max(worst_dead, m["train_dead_fraction"])
+        rows.append(
+            f"{r.name:<18} {m['l0']:>7.1f} {m['nmse']:>7.4f} "
+            f"{'' if ref is None else f'{ref:.4f}':>16} {m['dead_fraction']:>11.1%} "
+            f"{m['train_dead_fraction']:>12.1%}"
+        )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    text = "\n".join(
+        [
+            "## SAE quality: NMSE vs L0 on real DINOv2-S activations (bench_sae_quality.py)",
+            "",
+            f"Machine: {machine()}",
+            f"Command: `python benchmarks/bench_sae_quality.py --tokens {args.tokens} "
+            f"--n-latents {args.n_latents} --dead-after {args.dead_after}`",
+            "",
+            f"Data: {store.n_images} default concept scenes, {DEFAULT_BACKBONE} layer {LAYER} "
+            f"patch tokens (d={d}); 5% of images held out for the NMSE. {len(runs)} SAEs of "
+            f"{args.n_latents} latents trained together on one stream for {args.tokens} tokens "
+            f"each (batch 4096, Adam lr 2e-3, AuxK on for the TopK family with a latent dead "
+            f"after {args.dead_after} tokens without firing).",
+            "",
+            "![NMSE vs L0](sae_quality.png)",
+            "",
+            "```",
+            note,
+            *rows,
+            f"TopK family below ReLU+L1 at equal L0: {wins} of {compared} comparable points",
+            f"largest dead fraction in the TopK family (training tracker): {worst_dead:.1%} "
+            f"(target < 5%)",
+            f"wall time {seconds / 60:.1f} min, peak RSS {peak:.1f} GiB",
+            "```",
+        ]
+    )
+    print(text)
+    if not args.no_write:
+        write_section("bench_sae_quality", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
