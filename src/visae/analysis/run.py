@@ -7,7 +7,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ from visae.analysis import artifact as fmt
 from visae.analysis.accumulate import HistogramSpec, LatentStats, SparseCodes, TopN, top_rows
 from visae.analysis.artifact import Analysis
 from visae.analysis.thumbs import image_loader, make_thumbnail
+from visae.atomic import atomic_directory
 from visae.errors import VisaeError
 
 if TYPE_CHECKING:
@@ -305,11 +305,7 @@ def run_analysis(
     sae = sae.to(device).eval()
     result = stream_pass(sae, store, layer, config, device=device, progress=progress)
 
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(out) as tmp:
         _write(
             tmp,
             sae,
@@ -324,12 +320,6 @@ def run_analysis(
             name,
             progress,
         )
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return Analysis.load(out)
 
 

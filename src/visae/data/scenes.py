@@ -26,7 +26,6 @@ import io
 import json
 import multiprocessing
 import os
-import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,6 +36,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from visae.atomic import atomic_directory
 from visae.data.backgrounds import (
     BACKGROUND_KINDS,
     background_photos,
@@ -607,36 +607,29 @@ def generate_scenes(
         raise VisaeError(f"scene folder {out} already exists and is not empty (pass overwrite)")
     gen = generator if generator is not None else SceneGenerator(config)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    (tmp / "images").mkdir(parents=True)
-    (tmp / "masks").mkdir()
     n = config.n_images
     workers = default_workers() if workers is None else max(1, workers)
     records: list[dict[str, Any]] = []
     bar = tqdm(total=n, desc="rendering scenes", unit="img", disable=not progress)
     try:
-        tasks = [(str(tmp), ids) for ids in _chunks(n, 25)]
-        if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
-            _WORKER = gen
-            ctx = multiprocessing.get_context("fork")
-            with ctx.Pool(workers) as pool:
-                for chunk in pool.imap(_work, tasks):
-                    records.extend(chunk)
-                    bar.update(len(chunk))
-        else:
-            for _, ids in tasks:
-                for i in ids:
-                    records.append(_write_one(gen, tmp, i))
-                    bar.update(1)
-        write_tables(tmp, gen, records)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        with atomic_directory(out) as tmp:
+            (tmp / "images").mkdir()
+            (tmp / "masks").mkdir()
+            tasks = [(str(tmp), ids) for ids in _chunks(n, 25)]
+            if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+                _WORKER = gen
+                ctx = multiprocessing.get_context("fork")
+                with ctx.Pool(workers) as pool:
+                    for chunk in pool.imap(_work, tasks):
+                        records.extend(chunk)
+                        bar.update(len(chunk))
+            else:
+                for _, ids in tasks:
+                    for i in ids:
+                        records.append(_write_one(gen, tmp, i))
+                        bar.update(1)
+            write_tables(tmp, gen, records)
     finally:
         _WORKER = None
         bar.close()
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out

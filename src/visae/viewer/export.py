@@ -13,6 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from visae.analysis.artifact import Analysis
+from visae.atomic import atomic_directory
 from visae.errors import VisaeError
 from visae.viewer.payload import images_payload, index_payload, latents_payload, payload
 from visae.viewer.server import SERVED_DIRS, STATIC_FILES, load_analyses, static_dir
@@ -42,18 +43,9 @@ def export_static(
     out = Path(out)
     if out.exists() and not overwrite:
         raise VisaeError(f"export folder {out} exists (pass overwrite=True / --overwrite)")
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    (tmp / "static").mkdir(parents=True)
-    try:
+    with atomic_directory(out) as tmp:
+        (tmp / "static").mkdir()
         _write(loaded, tmp, progress)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
