@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from visae.backbones.identity import weights_sha256
+from visae.backbones.preprocess import Preprocessor
 from visae.errors import VisaeError
 
 EditFn = Callable[[torch.Tensor], torch.Tensor]
@@ -60,6 +62,7 @@ class Backbone(ABC):
 
     name: str
     n_layers: int
+    _preprocessor: Preprocessor
 
     @abstractmethod
     def d(self, layer: int) -> int:
@@ -69,19 +72,20 @@ class Backbone(ABC):
     def layout(self, layer: int) -> TokenLayout:
         """Token layout of the recorded stream at `layer`."""
 
-    @abstractmethod
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """PIL images -> `[batch, 3, H, W]` pixels, as the model's own config prescribes."""
+        return self._preprocessor(images)
 
     @property
-    @abstractmethod
     def preprocessing(self) -> dict[str, Any]:
         """JSON-able description of `preprocess`, stored in every artifact."""
+        return self._preprocessor.to_dict()
 
     @property
-    @abstractmethod
     def weights_hash(self) -> str:
-        """Stable hash of the weights: the model's identity in every artifact."""
+        """Stable hash of the weights: the model's identity in every artifact. Recomputed on
+        each access, so it always matches the weights."""
+        return weights_sha256(self.module)
 
     @property
     @abstractmethod

@@ -18,7 +18,6 @@ from torch import nn
 
 from visae.backbones._imagenet_classes import IMAGENET_CLASSES
 from visae.backbones.base import Backbone, TokenLayout
-from visae.backbones.identity import weights_sha256
 from visae.backbones.preprocess import Preprocessor
 from visae.errors import VisaeError
 
@@ -150,18 +149,6 @@ class EfficientNetBackbone(Backbone):
         self._check_layers([layer])
         _, h, w = self._shapes[layer]
         return TokenLayout(0, 0, (h, w))
-
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return self._preprocessor(images)
-
-    @property
-    def preprocessing(self) -> dict[str, Any]:
-        return self._preprocessor.to_dict()
-
-    @property
-    def weights_hash(self) -> str:
-        """Recomputed on each access (hashing the weights), so it always matches the weights."""
-        return weights_sha256(self._net)
 
     @property
     def module(self) -> nn.Module:

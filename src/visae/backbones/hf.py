@@ -5,16 +5,13 @@ and SigLIP vision towers, and ViT. Hub ids and local directories both go through
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from visae.backbones.base import Backbone, TokenLayout
-from visae.backbones.identity import weights_sha256
 from visae.backbones.preprocess import (
     HALF_MEAN,
     HALF_STD,
@@ -198,18 +195,6 @@ class HFBackbone(Backbone):
     def layout(self, layer: int) -> TokenLayout:
         self._check_layers([layer])
         return self._layout
-
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return self._preprocessor(images)
-
-    @property
-    def preprocessing(self) -> dict[str, Any]:
-        return self._preprocessor.to_dict()
-
-    @property
-    def weights_hash(self) -> str:
-        """Recomputed on each access (hashing the weights), so it always matches the weights."""
-        return weights_sha256(self._model)
 
     @property
     def module(self) -> torch.nn.Module:
