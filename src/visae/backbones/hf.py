@@ -252,12 +252,18 @@ def load_hf_backbone(spec: str, name: str | None = None) -> HFBackbone:
         if family.vision_tower == "auto"
         else getattr(transformers, family.vision_tower)
     )
+    # transformers draws a per-tensor progress bar even for a local 22M-parameter model
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
     try:
         model, info = cls.from_pretrained(
             spec, output_loading_info=True, **dict(family.load_kwargs)
         )
     except (OSError, ValueError) as e:
         raise VisaeError(f"cannot load model weights from {spec!r}: {e}") from e
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise VisaeError(

@@ -162,7 +162,12 @@ def _run_shard(
                 reason = _one_line(exc)
                 if on_unreadable == "fail":
                     raise VisaeError(f"cannot read image {i} ({source}): {reason}") from exc
-                logger.warning("skipping unreadable image %d (%s): %s", i, source, reason)
+                logger.warning(
+                    "skipping unreadable image %d (%s), listed in the manifest's skipped: %s",
+                    i,
+                    source,
+                    reason,
+                )
                 skipped.append({"index": i, "source": source, "reason": reason})
                 continue
             images.append(img)
