@@ -156,3 +156,63 @@ def test_unreadable_image_is_skipped_and_recorded(
         "--quiet",
     )
     assert "3.png" in msg
+
+
+def test_train_analyze_view_export_chain(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CLI steps of the demo wired end to end on four real photos and a small SAE."""
+    store = tmp_path / "store"
+    assert run(capsys, "extract", "--dataset", "skimage#4", "--out", str(store), "--quiet")[0] == 0
+    code, out, _ = run(
+        capsys,
+        "train",
+        str(store),
+        "--out",
+        str(tmp_path / "runs"),
+        "--k",
+        "4",
+        "--n-latents",
+        "96",
+        "--lr",
+        "3e-3",
+        "--total-tokens",
+        "2048",
+        "--batch-size",
+        "256",
+        "--quiet",
+    )
+    assert code == 0 and "topk-n96-k4-lr0.003" in out
+    assert (tmp_path / "runs" / "nmse_l0.png").stat().st_size > 1000
+    sae = tmp_path / "runs" / "topk-n96-k4-lr0.003" / "sae"
+    # the photos' store sources are relative labels: without the dataset there are no pixels
+    msg = one_line_error(capsys, "analyze", str(sae), str(store), "--out", str(tmp_path / "an"))
+    assert "pass the dataset" in msg and not (tmp_path / "an").exists()
+    code, out, _ = run(
+        capsys,
+        "analyze",
+        str(sae),
+        str(store),
+        "--out",
+        str(tmp_path / "an"),
+        "--dataset",
+        "skimage#4",
+        "--top-n",
+        "3",
+        "--quiet",
+    )
+    assert code == 0 and "analysis of 96 latents" in out
+    code, out, _ = run(capsys, "view", str(tmp_path / "an"), "--export", str(tmp_path / "web"))
+    assert code == 0 and (tmp_path / "web" / "index.html").is_file()
+    assert len(list((tmp_path / "web" / "data" / "a0" / "latent").iterdir())) == 96
+    msg = one_line_error(
+        capsys,
+        "analyze",
+        str(sae),
+        str(store),
+        "--out",
+        str(tmp_path / "an"),
+        "--dataset",
+        "skimage#4",
+    )
+    assert "exists" in msg
