@@ -557,3 +557,14 @@ def test_plots(tmp_path: Path) -> None:
     (tmp_path / "broken.jsonl").write_text("{not json\n")
     with pytest.raises(VisaeError, match=r"broken\.jsonl:1"):
         read_training_logs([tmp_path / "broken.jsonl"])
+
+
+def test_cls_trained_sae_warns_that_patches_are_out_of_distribution(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    p = make_pipeline(tmp_path, n_images=6)
+    run_analysis(p.sae, p.store, tmp_path / "a1", progress=False)
+    assert not [r for r in caplog.records if "CLS tokens" in r.getMessage()]
+    cls_dir = p.sae.save(tmp_path / "sae-cls", store=p.store.identity(), layer=LAYER, tokens="cls")
+    run_analysis(cls_dir, p.store, tmp_path / "a2", progress=False)
+    assert [r for r in caplog.records if "trained on CLS tokens" in r.getMessage()]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import logging
 import os
 import time
 from collections import Counter
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     from visae.sae import SAE
     from visae.store import ActivationStore
 
+
+logger = logging.getLogger("visae.analysis")
 
 # one image's per-patch (latents [P, K], values [P, K]) and CLS (latents [K], values [K]) codes
 ImageCodes = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
@@ -303,6 +306,11 @@ def run_analysis(
     if metadata:
         load_image(0)  # fail before the pass, not after it, when images cannot be found
     sae = sae.to(device).eval()
+    if (sae.checkpoint_info.get("metadata") or {}).get("tokens") == "cls":
+        logger.warning(
+            "this SAE was trained on CLS tokens; the analysis also encodes patch tokens, "
+            "which it never saw in training"
+        )
     result = stream_pass(sae, store, layer, config, device=device, progress=progress)
 
     with atomic_directory(out) as tmp:
