@@ -665,3 +665,23 @@ def test_top_level_load_is_the_sae_loader() -> None:
     import visae
 
     assert visae.SAE is SAE
+
+
+def test_batchtopk_calibrated_threshold_gives_k_on_average() -> None:
+    """After calibration the inference rule fires ~k latents per token on data like the
+    calibration batches, whatever stale value the training EMA held."""
+    torch.manual_seed(0)
+    cfg = SAEConfig(arch="batchtopk", d=32, n_latents=256, k=8)
+    sae = SAE.create(cfg)
+    x = torch.randn(8 * 512, 32, generator=torch.Generator().manual_seed(1))
+    sae.threshold.fill_(10.0)
+    sae.threshold_updates.fill_(5)
+    assert sae(x)[2]["l0"].float().mean() < 1
+    threshold = sae.calibrate_threshold(x[i : i + 512] for i in range(0, len(x), 512))
+    cutoffs = []
+    for i in range(0, len(x), 512):
+        with torch.no_grad():
+            pre = (sae.normalize(x[i : i + 512]) - sae.b_dec) @ sae.W_enc.T + sae.b_enc
+        cutoffs.append(float(pre.reshape(-1).topk(8 * 512).values.min()))
+    assert threshold == pytest.approx(sum(cutoffs) / len(cutoffs), rel=1e-5)
+    assert float(sae(x)[2]["l0"].float().mean()) == pytest.approx(8, rel=0.15)

@@ -8,11 +8,14 @@ enter autograd through `GatherPreacts`, whose backward is k-sparse.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from visae.errors import VisaeError
 from visae.sae.config import SAEConfig
 from visae.sae.model import SAE, LossOutput, pad_rows
 from visae.sae.sparse import (
@@ -215,6 +218,26 @@ class BatchTopKSAE(_TopKFamily):
             momentum = self.cfg.batchtopk_momentum
             self.threshold.mul_(momentum).add_((1 - momentum) * smallest)
         self.threshold_updates += 1
+
+    @torch.no_grad()
+    def calibrate_threshold(self, batches: Iterable[Tensor | np.ndarray]) -> float:
+        """Set the inference threshold to the mean batch-rule cutoff of the current weights
+        over raw training-sized `batches`. The EMA kept during training averages cutoffs of
+        weights that were still moving; in short runs it lags far enough that inference fires
+        well under k latents per token. Returns the new threshold."""
+        bias = self._effective_bias()
+        cutoffs = []
+        for x in batches:
+            pre = self._dense_preacts(self.normalize(x), bias, reuse=False)
+            _, selected = self._select_train(pre)
+            positive = selected[selected > 0]
+            if positive.numel():
+                cutoffs.append(float(positive.min()))
+        if not cutoffs:
+            raise VisaeError("cannot calibrate the BatchTopK threshold: no positive activations")
+        self.threshold.fill_(sum(cutoffs) / len(cutoffs))
+        self.threshold_updates.clamp_(min=1)
+        return float(self.threshold)
 
     def _state_metrics(self) -> dict[str, float]:
         return {"threshold": float(self.threshold)}

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from visae.errors import VisaeError
-from visae.sae import SAE, normalization_from_sample
+from visae.sae import SAE, BatchTopKSAE, normalization_from_sample
 from visae.store import ActivationStore
 from visae.store.format import shard_file
 from visae.train.config import RunSpec, TrainConfig
@@ -338,12 +338,25 @@ class Trainer:
                         + (f" ({first} +{len(models) - 1})" if len(models) > 1 else ""),
                         refresh=False,
                     )
+                if done:
+                    self._calibrate(models)
                 if done or _crossed(before, state["tokens"], cfg.eval_every_tokens):
                     self._evaluate(models, state, eval_x)
                 if not done and _crossed(before, state["tokens"], cfg.checkpoint_every_tokens):
                     save_training_checkpoint(
                         self.out, dict(state), models, self._sae_metadata(state)
                     )
+
+    def _calibrate(self, models: dict[str, tuple[SAE, torch.optim.Optimizer]]) -> None:
+        """Re-derive BatchTopK inference thresholds from the final weights (see
+        `BatchTopKSAE.calibrate_threshold`), on training tokens in training-sized batches."""
+        batchtopk = [sae for sae, _ in models.values() if isinstance(sae, BatchTopKSAE)]
+        if not batchtopk:
+            return
+        sample = self._norm_sample()
+        size = self.cfg.batch_size
+        for sae in batchtopk:
+            sae.calibrate_threshold(sample[i : i + size] for i in range(0, len(sample), size))
 
     def _evaluate(
         self,
