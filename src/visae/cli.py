@@ -16,8 +16,6 @@ from visae.data import DATASET_SPECS_HELP
 from visae.data.commands import add_scenes_arguments, run_scenes
 from visae.errors import VisaeError
 
-Handler = Callable[[argparse.Namespace], int]
-
 
 def _cmd_models(args: argparse.Namespace) -> int:
     from visae.backbones import DEFAULT_BACKBONE, available_models
@@ -33,13 +31,6 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_layers(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise VisaeError(f"--layers must be comma-separated block indices, got {text!r}") from None
-
-
 def _cmd_extract(args: argparse.Namespace) -> int:
     from visae.backbones import load_backbone
     from visae.data import load_dataset
@@ -47,7 +38,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
     dataset = load_dataset(args.dataset, progress=not args.quiet)
     backbone = load_backbone(args.model, device=args.device)
-    layers = _parse_layers(args.layers) if args.layers else [backbone.n_layers - 2]
+    layers = _split(args.layers, int, "--layers") or [backbone.n_layers - 2]
     store = extract(
         backbone,
         dataset,
@@ -72,14 +63,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _split(text: str | None, cast: Callable[[str], Any]) -> list[Any] | None:
+def _split(text: str | None, cast: Callable[[str], Any], flag: str) -> list[Any] | None:
     """`"16,32"` -> `[16, 32]` (a sweep over the values), None when the flag is absent."""
     if text is None:
         return None
     try:
         return [cast(t.strip()) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise VisaeError(f"cannot read {text!r} as a comma-separated list") from None
+        raise VisaeError(f"{flag}: cannot read {text!r} as a comma-separated list") from None
 
 
 def _fraction(text: str) -> float:
@@ -131,10 +122,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     settings.update({f: getattr(args, f) for f in TRAIN_FLAGS if getattr(args, f) is not None})
     cfg = TrainConfig(**settings)
     cfg.validate()
-    flags = {f: _split(getattr(args, f), cast) for f, cast in SWEEP_FLAGS.items()}
+    flags = {
+        f: _split(getattr(args, f), cast, "--" + f.replace("_", "-"))
+        for f, cast in SWEEP_FLAGS.items()
+    }
     flags = {f: v for f, v in flags.items() if v is not None}
     if args.matryoshka:
-        flags["matryoshka"] = [tuple(_split(args.matryoshka, _fraction) or [])]
+        flags["matryoshka"] = [tuple(_split(args.matryoshka, _fraction, "--matryoshka") or [])]
     if flags or not entries:
         entries = [SweepEntry({**e.values, **flags}) for e in entries] or [
             SweepEntry({"arch": "topk", **flags})
