@@ -148,7 +148,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_recon(args: argparse.Namespace) -> int:
-    from itertools import islice
+    import numpy as np
+    from tqdm.auto import tqdm
 
     from visae.sae import SAE
     from visae.store import ActivationStore
@@ -163,10 +164,12 @@ def _cmd_eval_recon(args: argparse.Namespace) -> int:
         raise VisaeError(
             f"SAE width d={sae.d} does not match the store's d={store.d(layer)} at layer {layer}"
         )
-    batches = (a.reshape(-1, a.shape[-1]) for _, a in store.ordered(layer, tokens, 32))
-    if args.max_images:
-        batches = islice(batches, -(-args.max_images // 32))
-    metrics = evaluate(sae, batches)
+    n_images = min(args.max_images or store.n_images, store.n_images)
+    ordered = store.ordered(layer, tokens, 32, images=np.arange(n_images))
+    bar = tqdm(
+        ordered, total=-(-n_images // 32), desc="eval-recon", unit="batch", disable=args.quiet
+    )
+    metrics = evaluate(sae, (acts.reshape(-1, acts.shape[-1]) for _, acts in bar))
     print(f"sae     {args.sae}\nstore   {args.store}  layer {layer}, {tokens} tokens")
     for key, value in metrics.items():
         print(f"{key:<18} {value:.3f}" if isinstance(value, float) else f"{key:<18} {value}")
