@@ -89,7 +89,7 @@ def reference_objective(sae: SAE, x: torch.Tensor) -> dict[str, torch.Tensor]:
         aux_mask = torch.zeros_like(pre).scatter(1, masked.topk(k_aux, dim=1).indices, 1.0)
         aux_codes = torch.relu(pre) * aux_mask * dead[None, :]
         residual = (xn - x_hat).detach()
-        auxk = ((aux_codes @ w_dec - residual) ** 2).mean()
+        auxk = ((aux_codes @ w_dec - residual) ** 2).mean() / (residual**2).mean()
         loss = loss + cfg.auxk_coeff * auxk
     loss.backward()
     sse = ((x_hat.detach() - xn) ** 2).sum()

@@ -149,7 +149,8 @@ class _TopKFamily(SAE):
         return {}
 
     def _auxk_loss(self, x_norm: Tensor, x_hat: Tensor, pre: Tensor, bias: Tensor) -> Tensor:
-        """Gao et al.'s AuxK: the top-k_aux dead latents reconstruct the residual x - x_hat."""
+        """Gao et al.'s AuxK: the top-k_aux dead latents reconstruct the residual x - x_hat
+        (the loss is that reconstruction's MSE over the residual's mean square)."""
         dead = self.dead_mask().nonzero().squeeze(1)
         if dead.numel() == 0:
             return x_hat.new_zeros(())
@@ -158,7 +159,10 @@ class _TopKFamily(SAE):
         codes, selected = codes_from_topk(top.values, dead[top.indices], self.n_latents)
         values = self._code_values(x_norm, codes, selected, bias)
         residual = (x_norm - x_hat).detach()
-        return F.mse_loss(decode_rows(values, self.W_dec, codes), residual)
+        # normalised by the residual's mean square, as Gao et al.: unnormalised, the term
+        # shrinks with the reconstruction error and stops reviving latents as training goes on
+        scale = residual.square().mean().clamp_min(1e-12)
+        return F.mse_loss(decode_rows(values, self.W_dec, codes), residual) / scale
 
 
 class TopKSAE(_TopKFamily):
