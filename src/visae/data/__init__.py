@@ -1,5 +1,6 @@
 """Image sources for visae: concept scenes with exact labels (the default), and readers for
-standard formats (ImageFolder, Fashion-MNIST, CUB-200-2011 attributes, COCO instances)."""
+standard formats (ImageFolder, Fashion-MNIST, CUB-200-2011 attributes, COCO instances,
+Hugging Face datasets)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from visae.data.base import ImageDataset
 from visae.data.coco import CocoDataset
 from visae.data.cub import Cub200Dataset
 from visae.data.default import DEFAULT_SCENES, cache_dir, cached_scenes, default_scenes
+from visae.data.hf import HFDataset
 from visae.data.scene_dataset import SceneDataset
 from visae.data.scenes import (
     PAIR_KINDS,
@@ -32,6 +34,8 @@ DATASET_SPECS_HELP = """dataset specs:
   cub:DIR                 CUB-200-2011 folder (images.txt, attributes/...)
   coco:FILE.json[:IMGDIR] COCO instances file (images default to the file's folder)
   imagefolder:DIR or DIR  folder of class folders (a scene folder is recognised)
+  hf:DIR|REPO_ID[:SPLIT]  Hugging Face dataset: save_to_disk folder, folder of parquet files,
+                          or hub id (downloaded; needs pyarrow: pip install 'visae[hf]')
   any spec + '#N'         only the first N images"""
 
 __all__ = [
@@ -41,6 +45,7 @@ __all__ = [
     "CocoDataset",
     "Cub200Dataset",
     "FashionMNIST",
+    "HFDataset",
     "ImageDataset",
     "ImageFolder",
     "SceneConfig",
@@ -96,6 +101,11 @@ def _load(spec: str, progress: bool) -> ImageDataset:
         return CocoDataset(ann, rest[1:] if rest.startswith(":") else None)
     if kind == "imagefolder":
         return ImageFolder(arg)
+    if kind == "hf":
+        location, _, split = arg.partition(":")
+        if not location:
+            raise VisaeError(f"dataset spec {spec!r}: expected hf:DIR_OR_REPO_ID[:SPLIT]")
+        return HFDataset(location, split or None)
     path = Path(spec)
     if path.is_dir():
         if (path / "scenes.json").is_file():
