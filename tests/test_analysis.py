@@ -547,10 +547,15 @@ def test_plots(tmp_path: Path) -> None:
     (tmp_path / "plain.jsonl").write_text(json.dumps({"sae": "relu", "nmse": 0.2, "l0": 40}))
     assert list(read_training_logs([tmp_path / "plain.jsonl"])) == ["relu"]
     trade = plot_nmse_l0(logs, tmp_path / "plots" / "nmse_l0.png")
-    for png in (freq, hist, trade):
+    family = {"topk": "TopK", "sweep_b/topk": "TopK"}
+    curves = plot_nmse_l0(logs, tmp_path / "plots" / "families.png", groups=family)
+    for png in (freq, hist, trade, curves):
         with Image.open(png) as im:
             assert im.format == "PNG" and im.size[0] >= 300
             assert np.asarray(im.convert("L")).std() > 5  # not a blank canvas
+    with Image.open(trade) as a, Image.open(curves) as b:  # one family line, not two runs
+        assert np.asarray(a).shape == np.asarray(b).shape
+        assert not np.array_equal(np.asarray(a), np.asarray(b))
     (tmp_path / "empty.jsonl").write_text('{"tokens": 1}\n')
     with pytest.raises(VisaeError, match="no records"):
         plot_nmse_l0([tmp_path / "empty.jsonl"], tmp_path / "e.png")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -105,24 +105,43 @@ def read_training_logs(paths: Sequence[str | os.PathLike[str]]) -> dict[str, lis
     return runs
 
 
-def plot_nmse_l0(logs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]) -> Path:
+def plot_nmse_l0(
+    logs: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    groups: Mapping[str, str] | None = None,
+) -> Path:
     """NMSE against L0 for every SAE run in the logs (files or trainer output folders, see
     `read_training_logs`): each run's evaluations as a faint path (ordered by tokens seen)
-    and its final evaluation as a labelled point."""
+    and its final evaluation as a point. With `groups` (run name -> family, e.g. the
+    architecture), each family gets one colour and a line through its runs' final points in
+    order of L0: the trade-off curve of that family. Runs missing from `groups` form their own."""
     runs = read_training_logs(logs)
+    family = {run: (groups or {}).get(run, run) for run in runs}
+    colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(sorted(set(family.values())))}
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=100)
-    for i, (run, recs) in enumerate(sorted(runs.items())):
+    finals: dict[str, list[tuple[float, float]]] = {}
+    for run, recs in sorted(runs.items()):
         recs = sorted(recs, key=lambda r: r.get("tokens", r.get("step", 0)))
         l0 = [float(r["l0"]) for r in recs]
         nmse = [float(r["nmse"]) for r in recs]
-        color = plt.cm.tab10(i % 10)
+        color = colors[family[run]]
         if len(recs) > 1:
-            ax.plot(l0, nmse, color=color, alpha=0.3, linewidth=1)
-        ax.scatter(l0[-1:], nmse[-1:], color=color, zorder=3, label=run)
+            ax.plot(l0, nmse, color=color, alpha=0.25, linewidth=1)
+        finals.setdefault(family[run], []).append((l0[-1], nmse[-1]))
+    for name, points in sorted(finals.items()):
+        points.sort()
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        if groups is not None and len(points) > 1:
+            ax.plot(xs, ys, color=colors[name], linewidth=1.8, marker="o", zorder=3, label=name)
+        else:
+            ax.scatter(xs, ys, color=colors[name], zorder=3, label=name)
     ax.set_xscale("log")
     ax.set_xlabel("L0 (active latents per token)")
     ax.set_ylabel("normalised MSE")
-    ax.set_title("reconstruction vs sparsity (final evaluation per run)", fontsize=9)
+    what = (
+        "final evaluation per run" if groups is None else "final evaluations, one line per family"
+    )
+    ax.set_title(f"reconstruction vs sparsity ({what})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     return _save(fig, out)
