@@ -63,12 +63,8 @@ def _parquet_splits(root: Path) -> dict[str, list[Path]]:
 def _read_parquet(files: list[Path]) -> tuple[Any, dict[str, Any]]:
     pa = _pyarrow()
     tables = [pa.parquet.read_table(str(p), memory_map=True) for p in files]
-    meta = tables[0].schema.metadata or {}
-    features = (
-        json.loads(meta[b"huggingface"]).get("info", {}).get("features", {})
-        if (b"huggingface" in meta)
-        else {}
-    )
+    hf_meta = (tables[0].schema.metadata or {}).get(b"huggingface", b"{}")
+    features = json.loads(hf_meta).get("info", {}).get("features", {})
     return pa.concat_tables([t.replace_schema_metadata(None) for t in tables]), features
 
 
@@ -94,7 +90,7 @@ def _download(repo_id: str) -> Path:
     except Exception as exc:  # the hub client raises many types; the message names the cause
         raise VisaeError(
             f"no dataset folder {repo_id}, and downloading it from the Hugging Face hub "
-            f"failed: {exc}"
+            f"failed: {str(exc).strip().splitlines()[0]}"
         ) from None
 
 
