@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, write_section
+from common import RESULTS, report, write_section
 
 from visae.analysis import AnalysisConfig, run_analysis, stream_pass
 from visae.sae import SAE, SAEConfig
@@ -154,17 +154,11 @@ def main() -> int:
     print("\n".join(lines))
     if not args.no_write:
         cmd = "python benchmarks/bench_analysis.py " + " ".join(sys.argv[1:])
-        section = "\n".join(
-            [
-                "## Analysis pass vs SAE encode (bench_analysis.py)",
-                "",
-                f"Machine: {machine()}",
-                f"Command: `{cmd.strip()}` (best of {args.repeats}, interleaved)",
-                "",
-                "```",
-                *lines,
-                "```",
-            ]
+        section = report(
+            "Analysis pass vs SAE encode (bench_analysis.py)",
+            cmd.strip(),
+            lines,
+            detail=f"(best of {args.repeats}, interleaved)",
         )
         write_section(SECTION, section)
         print(f"updated {RESULTS}")

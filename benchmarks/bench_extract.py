@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_note, machine, write_section
+from common import load_note, report, write_section
 
 from visae.backbones import DEFAULT_BACKBONE, load_backbone
 from visae.data import load_dataset
@@ -66,22 +66,17 @@ def main() -> int:
     n = len(dataset)
     overhead = min(stored) / min(bare) - 1
     verdict = "meets" if overhead <= TARGET else "misses"
-    text = "\n".join(
+    text = report(
+        "Extraction overhead: store writing vs bare forward (bench_extract.py)",
+        f"python benchmarks/bench_extract.py --dataset '{args.dataset}' --layers {args.layers}",
         [
-            "## Extraction overhead: store writing vs bare forward (bench_extract.py)",
-            "",
-            f"Machine: {machine()}",
-            f"Command: `python benchmarks/bench_extract.py --dataset '{args.dataset}' "
-            f"--layers {args.layers}` (best of {args.repeats}, interleaved)",
-            "",
-            "```",
             note,
             f"{n} images, {DEFAULT_BACKBONE}, layers {layers}, batch {args.batch_size}, float16",
             f"bare forward (load + preprocess + record): {n / min(bare):7.1f} images/s",
             f"extract to a store:                        {n / min(stored):7.1f} images/s",
             f"overhead: {overhead * 100:+.1f}%  ({verdict} the <= {TARGET * 100:.0f}% target)",
-            "```",
-        ]
+        ],
+        detail=f"(best of {args.repeats}, interleaved)",
     )
     print(text)
     if not args.no_write:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_section
+from common import report, write_section
 
 from visae.backbones import DEFAULT_BACKBONE, load_backbone
 from visae.data import load_dataset
@@ -41,25 +41,21 @@ def main() -> int:
                 f"{layer:>5} {kind:>6} {rel:>14.2e} {np.abs(x16 - x32).max():>10.2e} "
                 f"{np.abs(x32).max():>9.1f}"
             )
-    text = "\n".join(
+    text = report(
+        "Float16 store cost: float16 vs float32 activations (bench_fp16.py)",
+        f"python benchmarks/bench_fp16.py --dataset {args.dataset}",
         [
-            "## Float16 store cost: float16 vs float32 activations (bench_fp16.py)",
-            "",
-            f"Machine: {machine()}",
-            f"Command: `python benchmarks/bench_fp16.py --dataset {args.dataset}` "
-            f"({len(images)} real photos, {DEFAULT_BACKBONE}, every layer)",
-            "",
-            "```",
             *rows,
             f"worst relative L2 error over layers and token kinds: {worst:.2e}",
             f"largest |activation|: {largest:.1f} (float16 overflows above 65504)",
-            "```",
-            "",
-            "Relative L2 error = ||fp16(x) - x|| / ||x|| over all tokens of that kind;",
-            "float16's 11-bit significand puts it near 2^-12. Squared (~5e-8 of ||x||^2) it is",
-            "what float16 adds to an SAE's squared error: orders of magnitude below the NMSE of",
-            "the SAEs trained on these activations (0.1-0.2, see the SAE sections).",
-        ]
+        ],
+        detail=f"({len(images)} real photos, {DEFAULT_BACKBONE}, every layer)",
+        after=[
+            "Relative L2 error = ||fp16(x) - x|| / ||x|| over all tokens of that kind;\n"
+            "float16's 11-bit significand puts it near 2^-12. Squared (~5e-8 of ||x||^2) it is\n"
+            "what float16 adds to an SAE's squared error: orders of magnitude below the NMSE of\n"
+            "the SAEs trained on these activations (0.1-0.2, see the SAE sections)."
+        ],
     )
     print(text)
     if not args.no_write:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, write_section
+from common import RESULTS, report, write_section
 
 from visae.store import ActivationStore, LayerSpec, StoreSpec, StoreWriter
 
@@ -113,17 +113,11 @@ def main() -> int:
     print("\n".join(lines))
     if not args.no_write:
         cmd = "python benchmarks/bench_reader.py " + " ".join(sys.argv[1:])
-        section = "\n".join(
-            [
-                "## Store reader: shuffled vs sequential (bench_reader.py)",
-                "",
-                f"Machine: {machine()}",
-                f"Command: `{cmd.strip()}` (best of {args.repeats})",
-                "",
-                "```",
-                *lines,
-                "```",
-            ]
+        section = report(
+            "Store reader: shuffled vs sequential (bench_reader.py)",
+            cmd.strip(),
+            lines,
+            detail=f"(best of {args.repeats})",
         )
         write_section(SECTION, section)
         print(f"updated {RESULTS}")

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_note, machine, write_section
+from common import load_note, report, write_section
 
 from visae.sae import SAE, SAEConfig, normalization_from_sample
 
@@ -274,8 +274,7 @@ def main() -> None:
         f"(c) float32 step / bare matmul: {ratio_c:.2f}x (target <= 2x): {verdict[ratio_c <= 2]}",
         f"peak resident memory of the whole run (all models, data, eval set): {peak_mib:,.0f} MiB",
     ]
-    report = "\n".join(lines)
-    print(report)
+    print("\n".join(lines))
     if not args.no_write:
         command = (
             "bash benchmarks/make-bench-env.sh && "
@@ -285,11 +284,10 @@ def main() -> None:
             command += f" --store {args.store} --layer {args.layer}"
         if args.tokens != 1 << 20:
             command += f" --tokens {args.tokens}"
-        write_section(
-            SECTION,
-            "## SAE training step: visae TopK vs overcomplete (bench_sae_step.py)\n\n"
-            f"Machine: {machine()}\nCommand: `{command}`\n\n```\n{report}\n```",
+        section = report(
+            "SAE training step: visae TopK vs overcomplete (bench_sae_step.py)", command, lines
         )
+        write_section(SECTION, section)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, write_section
+from common import RESULTS, report, write_section
 
 from visae.data.scenes import SceneConfig, SceneGenerator, generate_scenes
 
@@ -83,13 +83,13 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        write_section(
-            SECTION,
-            "## Scene rendering (bench_scenes.py)\n\n"
-            f"Machine: {machine()}\n"
-            f"Command: `python benchmarks/bench_scenes.py` (best of {args.repeats}; "
-            f"target {TARGET:.0f} scenes/s at 224 px)\n\n```\n{text}\n```",
+        section = report(
+            "Scene rendering (bench_scenes.py)",
+            " ".join(["python benchmarks/bench_scenes.py", *sys.argv[1:]]),
+            lines,
+            detail=f"(best of {args.repeats}; target {TARGET:.0f} scenes/s at 224 px)",
         )
+        write_section(SECTION, section)
         print(f"updated {RESULTS}")
     return 0
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,31 @@ def load_note() -> str:
         return f"load average at start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)"
     except OSError:
         return "load average unknown"
+
+
+def report(
+    title: str,
+    command: str,
+    block: Sequence[str],
+    detail: str = "",
+    before: Sequence[str] = (),
+    after: Sequence[str] = (),
+) -> str:
+    """A RESULTS.md section: title, machine, command, paragraphs `before`, the measured lines
+    in a code block, paragraphs `after`."""
+    lines = [
+        f"## {title}",
+        "",
+        f"Machine: {machine()}",
+        f"Command: `{command}`" + (f" {detail}" if detail else ""),
+        "",
+    ]
+    for paragraph in before:
+        lines += [paragraph, ""]
+    lines += ["```", *block, "```"]
+    for paragraph in after:
+        lines += ["", paragraph]
+    return "\n".join(lines)
 
 
 def write_section(section: str, text: str) -> None:
