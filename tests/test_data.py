@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from system_deps import require
 
 from visae.data import (
     CocoDataset,
@@ -51,16 +52,23 @@ from visae.data.stamps import (
 from visae.data.standard import FASHION_MNIST_DIR, read_idx
 from visae.errors import VisaeError
 
-needs_stamps = pytest.mark.skipif(
-    not TUXPAINT_STAMPS_DIR.is_dir(), reason="Debian tuxpaint-stamps-default not installed"
-)
+
+def needs_stamps() -> None:
+    require(TUXPAINT_STAMPS_DIR.is_dir(), "Debian tuxpaint-stamps-default")
+
+
+def needs_fashion_mnist() -> None:
+    require(
+        (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(), "Debian dataset-fashion-mnist"
+    )
+
+
 SMALL = SceneConfig(n_scenes=40, size=96, seed=7, objects="stamps", pairs_per_kind=5)
 
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory: pytest.TempPathFactory) -> SceneDataset:
-    if not TUXPAINT_STAMPS_DIR.is_dir():
-        pytest.skip("Debian tuxpaint-stamps-default not installed")
+    needs_stamps()
     out = tmp_path_factory.mktemp("scenes") / "s"
     generate_scenes(SMALL, out, workers=1, progress=False)
     return SceneDataset.load(out, verify=True)
@@ -77,8 +85,8 @@ def shape_scenes(tmp_path_factory: pytest.TempPathFactory) -> SceneDataset:
 # ----- photo stamps and taxonomy -------------------------------------------------------------
 
 
-@needs_stamps
 def test_photo_rule_accepts_the_documented_stamps() -> None:
+    needs_stamps()
     decisions = {d.path: d for d in scan_tuxpaint()}
     accepted = [p for p, d in decisions.items() if d.accepted]
     assert len(accepted) == 308  # docs/datasets.md lists these counts
@@ -288,12 +296,13 @@ def test_coco_export_reads_back_with_the_scene_masks(scenes: SceneDataset) -> No
 def test_shapes_fallback_scenes_are_exact_too(shape_scenes: SceneDataset) -> None:
     assert all(c.startswith("shapes") for c in shape_scenes.taxonomy.categories())
     assert shape_scenes.name == "scenes-shapes"
-    assert shape_scenes.config.objects == "shapes"
+    objects = [o for i in range(len(shape_scenes)) for o in shape_scenes.metadata(i)["objects"]]
+    assert objects and all(o["category"].startswith("shapes") for o in objects)
     assert _check_pairs(shape_scenes) == {"removal": 3, "swap": 3, "recolour": 3, "background": 3}
 
 
-@needs_stamps
 def test_same_seed_same_bytes_and_different_seed_differs(tmp_path: Path) -> None:
+    needs_stamps()
     cfg = SceneConfig(n_scenes=12, size=64, seed=5, objects="stamps", pairs_per_kind=2)
     a = generate_scenes(cfg, tmp_path / "a", workers=1, progress=False)
     b = generate_scenes(cfg, tmp_path / "b", workers=2, progress=False)
@@ -572,16 +581,16 @@ def test_cub_reader_on_the_official_layout(tmp_path: Path) -> None:
 
 
 def test_fashion_mnist_from_the_debian_idx_files() -> None:
-    if not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists():
-        pytest.skip("Debian dataset-fashion-mnist not installed")
+    needs_fashion_mnist()
     ds = FashionMNIST("test")
     assert len(ds) == 10000 and np.bincount(ds.labels).tolist() == [1000] * 10
     assert ds.labels[:5].tolist() == [9, 2, 1, 1, 6]  # the published first test labels
     assert ds.metadata(0)["labels"] == ["Ankle boot"]
     im = ds.image(0)
     assert im.mode == "RGB" and im.size == (28, 28)
-    sub = load_dataset("fashion-mnist:test#5")
+    sub = load_dataset("fashion-mnist#5")
     assert len(sub) == 5 and sub.metadata(4)["labels"] == ["Shirt"]
+    assert sub.spec == "fashion-mnist:test#5"
 
 
 def test_idx_reader_rejects_bad_files(tmp_path: Path) -> None:
@@ -633,14 +642,80 @@ def test_skimage_photos_and_dataset_specs(scenes: SceneDataset) -> None:
     photos = SkimagePhotos()
     assert len(photos) >= 10 and isinstance(photos, ImageDataset)
     assert photos.image(0).mode == "RGB" and photos.metadata(0)["labels"]
-    assert load_dataset("skimage").fingerprint == photos.fingerprint
-    assert load_dataset(f"scenes:{scenes.folder}").fingerprint == scenes.fingerprint
+    assert isinstance(load_dataset(f"scenes:{scenes.folder}"), SceneDataset)
     assert isinstance(load_dataset(str(scenes.folder)), SceneDataset)
     assert isinstance(load_dataset(str(scenes.folder / "images")), ImageFolder)
     with pytest.raises(VisaeError, match="unknown dataset spec"):
         load_dataset("imagenet")
     with pytest.raises(VisaeError, match="count"):
         load_dataset("skimage#many")
+
+
+def test_dataset_specs_reopen_the_same_images_from_another_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every dataset `load_dataset` opens has a canonical `spec` (absolute paths, `#N` kept,
+    the default scenes kept as `scenes`) that opens the same images from any directory."""
+    import visae.data
+    import visae.data.default
+
+    small = SceneConfig(n_scenes=4, size=48, objects="shapes", pairs_per_kind=1)
+    monkeypatch.setattr(visae.data.default, "DEFAULT_SCENES", small)
+    monkeypatch.setattr(visae.data, "DEFAULT_SCENES", small)
+    work = tmp_path / "work"
+    for k in range(6):
+        (work / "photos" / "ab"[k % 2]).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (6, 5), (40 * k, 0, 9)).save(work / "photos" / "ab"[k % 2] / f"{k}.png")
+    generate_scenes(
+        SceneConfig(n_scenes=3, size=48, objects="shapes", pairs_per_kind=0),
+        work / "scene-dir",
+        workers=1,
+        progress=False,
+    )
+    (work / "coco").mkdir()
+    for name in ("x.png", "y.png"):
+        Image.new("RGB", (4, 4), (1, 2, 3) if name == "x.png" else (9, 9, 9)).save(
+            work / "coco" / name
+        )
+    (work / "coco" / "instances.json").write_text(
+        json.dumps(
+            {
+                "images": [
+                    {"id": i, "file_name": f, "height": 4, "width": 4}
+                    for i, f in enumerate(["x.png", "y.png"])
+                ],
+                "annotations": [],
+                "categories": [{"id": 1, "name": "thing", "supercategory": "thing"}],
+            }
+        )
+    )
+    _write_cub(work)
+    w = work.resolve()
+    cases = {
+        "photos#3": f"imagefolder:{w / 'photos'}#3",
+        "imagefolder:photos": f"imagefolder:{w / 'photos'}",
+        "scene-dir": f"scenes:{w / 'scene-dir'}",
+        "scenes:scene-dir#2": f"scenes:{w / 'scene-dir'}#2",
+        "scenes#5": "scenes#5",
+        "scenes:shapes#6#2": "scenes:shapes#6#2",
+        "skimage#3": "skimage#3",
+        "coco:coco/instances.json": f"coco:{w / 'coco' / 'instances.json'}:{w / 'coco'}",
+        "cub:CUB_200_2011": f"cub:{w / 'CUB_200_2011'}",
+    }
+    monkeypatch.chdir(work)
+    opened = {given: load_dataset(given, progress=False) for given in cases}
+    assert {given: ds.spec for given, ds in opened.items()} == cases
+    pixels = {given: np.asarray(ds.image(len(ds) - 1)) for given, ds in opened.items()}
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    for given, ds in opened.items():
+        again = load_dataset(str(ds.spec), progress=False)
+        assert again.spec == ds.spec, given
+        assert (len(again), again.fingerprint) == (len(ds), ds.fingerprint), given
+        assert np.array_equal(np.asarray(again.image(len(ds) - 1)), pixels[given]), given
+    assert len(opened["photos#3"]) == 3 and len(opened["scenes:shapes#6#2"]) == 2
+    assert Subset(opened["imagefolder:photos"], [2, 0]).spec is None  # not the first N
+    assert Cub200Dataset(w / "CUB_200_2011", split="train").spec is None  # no spec says so
 
 
 def test_cached_scenes_render_once_per_identity(
@@ -709,8 +784,7 @@ def test_dinov2_patches_linearly_separate_objects_from_background(tmp_path: Path
 
     from visae.backbones import load_backbone
 
-    if not TUXPAINT_STAMPS_DIR.is_dir():
-        pytest.skip("Debian tuxpaint-stamps-default not installed")
+    needs_stamps()
     folder = generate_scenes(
         SceneConfig(n_scenes=120, seed=0, objects="stamps", pairs_per_kind=0),
         tmp_path / "probe",

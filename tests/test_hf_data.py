@@ -98,6 +98,32 @@ def test_hub_layout_parquet_folder(tmp_path: Path) -> None:
     assert len(load_dataset(f"hf:{tmp_path / 'repo'}:test#2")) == 2
 
 
+def test_spec_names_the_folder_and_split_from_any_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    train, test = _pictures(3, seed=9), _pictures(2, seed=10)
+    hf.DatasetDict({"train": _dataset(train), "test": _dataset(test)}).save_to_disk(
+        str(tmp_path / "dd")
+    )
+    _dataset(train).save_to_disk(str(tmp_path / "single"))
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path.resolve()
+    specs = {
+        "hf:dd": f"hf:{root / 'dd'}:train",  # the split chosen by default is named
+        "hf:dd:test#1": f"hf:{root / 'dd'}:test#1",
+        "hf:single": f"hf:{root / 'single'}",
+    }
+    opened = {given: load_dataset(given) for given in specs}
+    assert {given: ds.spec for given, ds in opened.items()} == specs
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    for ds in opened.values():
+        again = load_dataset(str(ds.spec))
+        assert (again.spec, len(again), again.fingerprint) == (ds.spec, len(ds), ds.fingerprint)
+    np.testing.assert_array_equal(np.asarray(opened["hf:dd:test#1"].image(0)), test[0])
+    assert HFDataset(tmp_path / "dd", image_column="image").spec is None  # no spec for a column
+
+
 def test_fingerprint_follows_the_data(tmp_path: Path) -> None:
     pictures = _pictures(3, seed=6)
     _dataset(pictures).save_to_disk(str(tmp_path / "a"))

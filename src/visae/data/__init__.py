@@ -65,27 +65,35 @@ __all__ = [
 
 
 def load_dataset(spec: str, progress: bool = True) -> ImageDataset:
-    """Open a dataset from a spec string (see `DATASET_SPECS_HELP`)."""
-    base, _, limit = spec.partition("#")
-    dataset = _load(base.strip(), progress)
-    if limit:
-        try:
-            n = int(limit)
-        except ValueError:
-            raise VisaeError(f"dataset spec {spec!r}: the part after '#' must be a count") from None
-        if n < 1:
-            raise VisaeError(f"dataset spec {spec!r}: count must be >= 1")
-        dataset = Subset(dataset, range(min(n, len(dataset))))
-    return dataset
+    """Open a dataset from a spec string (see `DATASET_SPECS_HELP`).
+
+    The dataset's `spec` attribute is the canonical form of `spec`, which reopens the same
+    images from any working directory: absolute paths, the split chosen, `#N` kept; the
+    default scenes stay `scenes`.
+    """
+    base, sep, limit = spec.rpartition("#")
+    if not sep:
+        return _load(spec.strip(), progress)
+    dataset = load_dataset(base, progress)
+    try:
+        n = int(limit)
+    except ValueError:
+        raise VisaeError(f"dataset spec {spec!r}: the part after '#' must be a count") from None
+    if n < 1:
+        raise VisaeError(f"dataset spec {spec!r}: count must be >= 1")
+    return Subset(dataset, range(min(n, len(dataset))))
 
 
 def _load(spec: str, progress: bool) -> ImageDataset:
     kind, _, arg = spec.partition(":")
-    if spec == "scenes":
-        return default_scenes(progress=progress)
+    if spec in ("scenes", "scenes:shapes"):
+        if spec == "scenes":
+            scenes = default_scenes(progress=progress)
+        else:
+            scenes = cached_scenes(replace(DEFAULT_SCENES, objects="shapes"), progress=progress)
+        scenes.spec = spec  # rendered again from the spec where the cache is gone
+        return scenes
     if kind == "scenes":
-        if arg == "shapes":
-            return cached_scenes(replace(DEFAULT_SCENES, objects="shapes"), progress=progress)
         return SceneDataset.load(arg)
     if kind == "fashion-mnist":
         return FashionMNIST(arg or "test")

@@ -16,6 +16,11 @@ class ImageDataset(Protocol):
     so that appending images from a different dataset is refused.
     `metadata(i)` is JSON-able: at least `{"source": str}`, plus `labels` (list[str])
     where the dataset has them.
+
+    The datasets of `visae.data` also have a `spec`: the `load_dataset` spec that reopens them
+    from any working directory (absolute paths), or None where no spec can express them.
+    Stores record it so that consumers find the images again; a dataset without the
+    attribute is treated as having none.
     """
 
     name: str

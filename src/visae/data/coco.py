@@ -34,6 +34,7 @@ class CocoDataset:
         )
         if not self.image_root.is_dir():
             raise VisaeError(f"COCO image folder not found: {self.image_root}")
+        self.image_root = self.image_root.absolute()  # images are read later, from any cwd
         raw = self.annotations_path.read_bytes()
         try:
             data = json.loads(raw)
@@ -43,6 +44,7 @@ class CocoDataset:
             if not isinstance(data.get(key), list):
                 raise VisaeError(f"{self.annotations_path} has no '{key}' list: not COCO instances")
         self.name = name
+        self.spec = f"coco:{self.annotations_path.resolve()}:{self.image_root.resolve()}"
         self.categories = {int(c["id"]): c for c in data["categories"]}
         self.images: list[dict[str, Any]] = sorted(data["images"], key=lambda im: int(im["id"]))
         self._row = {int(im["id"]): i for i, im in enumerate(self.images)}

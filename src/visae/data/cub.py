@@ -50,9 +50,9 @@ class Cub200Dataset:
     attribute marked present with certainty >= `min_certainty` (1 = any, 4 = definitely)."""
 
     def __init__(self, root: str | Path, split: str | None = None, min_certainty: int = 1):
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise VisaeError(f"CUB-200-2011 folder not found: {self.root}")
+        if not Path(root).is_dir():
+            raise VisaeError(f"CUB-200-2011 folder not found: {root}")
+        self.root = Path(root).absolute()  # images are read later, from any working directory
         if split not in (None, "train", "test"):
             raise VisaeError(f"CUB split must be 'train', 'test' or None, got {split!r}")
         if min_certainty not in CERTAINTIES:
@@ -69,6 +69,8 @@ class Cub200Dataset:
             want = "1" if split == "train" else "0"
             ids = [i for i in ids if is_train.get(i, ["?"])[0] == want]
         self.image_ids = ids
+        default = split is None and min_certainty == 1
+        self.spec = f"cub:{self.root.resolve()}" if default else None
         self.files = [images[i][0] for i in ids]
         try:
             self.class_ids = [int(labels[i][0]) for i in ids]

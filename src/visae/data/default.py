@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from visae.data.scene_dataset import MANIFEST, SceneDataset
-from visae.data.scenes import SceneConfig, SceneGenerator, generate_scenes
+from visae.data.scene_dataset import SceneDataset
+from visae.data.scenes import MANIFEST, SceneConfig, SceneGenerator, generate_scenes
 
 DEFAULT_SCENES = SceneConfig(n_scenes=1000, size=224, seed=0, objects="auto", pairs_per_kind=50)
 

@@ -106,10 +106,13 @@ class HFDataset:
         self, location: str | Path, split: str | None = None, image_column: str | None = None
     ):
         root = Path(location)
+        where = str(root.resolve())
         if not root.exists():
             if not _HUB_ID.match(str(location)):
                 raise VisaeError(f"Hugging Face dataset folder {location} does not exist")
             root = _download(str(location))
+            where = str(location)
+        root = root.absolute()  # images stored by path and the files are read later
         if (root / "dataset_dict.json").is_file():
             names = json.loads((root / "dataset_dict.json").read_text())["splits"]
             split = _choose_split(names, split, root)
@@ -130,6 +133,7 @@ class HFDataset:
             table, features = _read_parquet(files)
         self.root, self.split, self._files = root, split, files
         self.name = f"hf:{location}" + (f":{split}" if split else "")
+        self.spec = f"hf:{where}" + (f":{split}" if split else "") if image_column is None else None
         self.image_column = self._image_column(table, features, image_column)
         self._images = table.column(self.image_column)
         self._labels = self._label_columns(table, features)

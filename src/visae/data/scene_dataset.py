@@ -1,5 +1,5 @@
-"""A rendered scene folder on disk, written by `generate_scenes` and read back as an
-`ImageDataset` with masks, concept tables, per-patch labels, pairs and the taxonomy.
+"""A rendered scene folder on disk, written by `visae.data.scenes.generate_scenes` and read
+back as an `ImageDataset` with masks, concept tables, per-patch labels, pairs and the taxonomy.
 
 Folder layout (all files deterministic for a given generator identity):
 
@@ -14,101 +14,34 @@ Folder layout (all files deterministic for a given generator identity):
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from visae import __version__
-from visae.data.coco import scenes_to_coco
 from visae.data.masks import patch_fractions
-from visae.data.scenes import FORMAT, SceneConfig, ScenePair
+from visae.data.scenes import FORMAT, MANIFEST, SceneConfig, ScenePair
 from visae.data.taxonomy import Taxonomy
 from visae.errors import VisaeError
-
-if TYPE_CHECKING:
-    from visae.data.scenes import SceneGenerator
-
-MANIFEST = "scenes.json"
-
-
-def _dump(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
-
-
-def write_tables(folder: Path, gen: SceneGenerator, records: list[dict[str, Any]]) -> None:
-    """Write index, concept and pair tables, the COCO export and (last) the manifest."""
-    records = sorted(records, key=lambda r: r["id"])
-    concepts = gen.concepts
-    with open(folder / "index.jsonl", "w", encoding="utf-8") as f:
-        for rec in records:
-            lean = {k: v for k, v in rec.items() if k != "annotations"}
-            lean["objects"] = [
-                {k: v for k, v in a.items() if k != "rle"} for a in rec["annotations"]
-            ]
-            f.write(_dump(lean) + "\n")
-    with open(folder / "concepts.csv", "w", encoding="utf-8", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(["image", "file", "role", *concepts])
-        for rec in records:
-            present = set(rec["concepts"])
-            w.writerow(
-                [rec["id"], rec["file"], rec["role"], *(int(c in present) for c in concepts)]
-            )
-    pairs = [ScenePair.from_dict(rec["pair"]) for rec in records if "pair" in rec]
-    with open(folder / "pairs.csv", "w", encoding="utf-8", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        header = ["pair", "kind", "attribute", "image_a", "image_b", "object", "old", "new"]
-        w.writerow([*header, "side_removed", "side_added"])
-        for p in pairs:
-            lists = (p.old, p.new, p.side_removed, p.side_added)
-            obj = "" if p.object is None else p.object
-            row = [p.pair, p.kind, p.attribute, p.image_a, p.image_b, obj]
-            w.writerow(row + [";".join(v) for v in lists])
-    finest = sorted({gen.taxonomy.category_of(i) for i in gen.taxonomy.items()})
-    coco = scenes_to_coco(
-        records, finest, gen.config.size, f"visae concept scenes ({gen.stamps.name}), {FORMAT}"
-    )
-    (folder / "coco.json").write_text(_dump(coco), encoding="utf-8")
-    digest = hashlib.sha256(FORMAT.encode())
-    for rec in records:
-        digest.update(rec["sha256"].encode())
-    counts = np.zeros(len(concepts), np.int64)
-    index = gen.concept_index
-    for rec in records:
-        for c in rec["concepts"]:
-            counts[index[c]] += 1
-    manifest = {
-        "format": FORMAT,
-        "visae_version": __version__,
-        "identity": gen.identity(),
-        "key": gen.key(),
-        "concepts": concepts,
-        "concept_counts": {c: int(n) for c, n in zip(concepts, counts, strict=True)},
-        "taxonomy": gen.taxonomy.to_dict(),
-        "n_images": len(records),
-        "n_scenes": gen.config.n_scenes,
-        "n_pairs": len(pairs),
-        "fingerprint": digest.hexdigest(),
-    }
-    (folder / MANIFEST).write_text(json.dumps(manifest, sort_keys=True, indent=1), encoding="utf-8")
 
 
 class SceneDataset:
     """A scene folder as an `ImageDataset`, plus exact masks, concepts and pairs.
 
-    `name` is `scenes` for photo-object scenes, `scenes-shapes` for the procedural fallback.
+    `name` is `scenes` for photo-object scenes, `scenes-shapes` for the procedural fallback;
+    `spec` is `scenes:<absolute folder>` (`load_dataset` gives the cached default scenes
+    the spec `scenes` or `scenes:shapes`, which render them again where the cache is gone).
     """
 
     def __init__(self, folder: Path, manifest: dict[str, Any], records: list[dict[str, Any]]):
         objects = manifest["identity"]["objects"]
         self.name = "scenes" if objects == "tuxpaint-photos" else f"scenes-{objects}"
         self.folder = folder
+        self.spec: str | None = f"scenes:{folder.resolve()}"
         self.manifest = manifest
         self.records = records
         self.concepts: list[str] = list(manifest["concepts"])
@@ -144,7 +77,7 @@ class SceneDataset:
             for key in ("file", "mask"):
                 if not (folder / rec[key]).is_file():
                     raise VisaeError(f"scene folder {folder} is missing {rec[key]}")
-        ds = cls(folder, manifest, records)
+        ds = cls(folder.absolute(), manifest, records)
         if verify:
             ds.verify()
         return ds

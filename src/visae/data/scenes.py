@@ -21,6 +21,7 @@ non-empty.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
@@ -36,6 +37,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from visae import __version__
 from visae.atomic import atomic_directory
 from visae.data.backgrounds import (
     BACKGROUND_KINDS,
@@ -44,12 +46,14 @@ from visae.data.backgrounds import (
     render_background,
     sample_background,
 )
+from visae.data.coco import scenes_to_coco
 from visae.data.masks import bbox_of, encode_rle
 from visae.data.shapes import procedural_shapes
 from visae.data.stamps import TUXPAINT_HINT, StampSet, tuxpaint_available, tuxpaint_stamps
 from visae.errors import VisaeError
 
 FORMAT = "visae-scenes/1"
+MANIFEST = "scenes.json"
 SIZE_BUCKETS: dict[str, tuple[float, float]] = {
     "small": (0.20, 0.30),
     "medium": (0.30, 0.42),
@@ -570,6 +574,68 @@ def _write_one(gen: SceneGenerator, folder: Path, image_id: int) -> dict[str, An
     return record
 
 
+def _dump(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def write_tables(folder: Path, gen: SceneGenerator, records: list[dict[str, Any]]) -> None:
+    """Write index, concept and pair tables, the COCO export and (last) the manifest."""
+    records = sorted(records, key=lambda r: r["id"])
+    concepts = gen.concepts
+    with open(folder / "index.jsonl", "w", encoding="utf-8") as f:
+        for rec in records:
+            lean = {k: v for k, v in rec.items() if k != "annotations"}
+            lean["objects"] = [
+                {k: v for k, v in a.items() if k != "rle"} for a in rec["annotations"]
+            ]
+            f.write(_dump(lean) + "\n")
+    with open(folder / "concepts.csv", "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["image", "file", "role", *concepts])
+        for rec in records:
+            present = set(rec["concepts"])
+            w.writerow(
+                [rec["id"], rec["file"], rec["role"], *(int(c in present) for c in concepts)]
+            )
+    pairs = [ScenePair.from_dict(rec["pair"]) for rec in records if "pair" in rec]
+    with open(folder / "pairs.csv", "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        header = ["pair", "kind", "attribute", "image_a", "image_b", "object", "old", "new"]
+        w.writerow([*header, "side_removed", "side_added"])
+        for p in pairs:
+            lists = (p.old, p.new, p.side_removed, p.side_added)
+            obj = "" if p.object is None else p.object
+            row = [p.pair, p.kind, p.attribute, p.image_a, p.image_b, obj]
+            w.writerow(row + [";".join(v) for v in lists])
+    finest = sorted({gen.taxonomy.category_of(i) for i in gen.taxonomy.items()})
+    coco = scenes_to_coco(
+        records, finest, gen.config.size, f"visae concept scenes ({gen.stamps.name}), {FORMAT}"
+    )
+    (folder / "coco.json").write_text(_dump(coco), encoding="utf-8")
+    digest = hashlib.sha256(FORMAT.encode())
+    for rec in records:
+        digest.update(rec["sha256"].encode())
+    counts = np.zeros(len(concepts), np.int64)
+    index = gen.concept_index
+    for rec in records:
+        for c in rec["concepts"]:
+            counts[index[c]] += 1
+    manifest = {
+        "format": FORMAT,
+        "visae_version": __version__,
+        "identity": gen.identity(),
+        "key": gen.key(),
+        "concepts": concepts,
+        "concept_counts": {c: int(n) for c, n in zip(concepts, counts, strict=True)},
+        "taxonomy": gen.taxonomy.to_dict(),
+        "n_images": len(records),
+        "n_scenes": gen.config.n_scenes,
+        "n_pairs": len(pairs),
+        "fingerprint": digest.hexdigest(),
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, sort_keys=True, indent=1), encoding="utf-8")
+
+
 def _work(task: tuple[str, list[int]]) -> list[dict[str, Any]]:
     folder, ids = task
     assert _WORKER is not None
@@ -599,8 +665,6 @@ def generate_scenes(
     The folder is built under a temporary name beside `out` and renamed when complete, so a
     crash never leaves a half-written scene set where a reader would find it.
     """
-    from visae.data.scene_dataset import write_tables
-
     global _WORKER
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:

@@ -52,13 +52,14 @@ class ImageFolder:
     """`root/<class>/<image>` (torchvision's layout): label = the class folder name.
 
     Images directly in `root` (no class folder) are allowed and get no label. Files are listed
-    once, sorted; the fingerprint hashes their contents (computed on first use).
+    once, sorted; the fingerprint hashes their contents (computed on first use, so the root is
+    kept absolute: a change of working directory does not lose the images).
     """
 
     def __init__(self, root: str | Path, name: str | None = None):
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise VisaeError(f"image folder not found: {self.root}")
+        if not Path(root).is_dir():
+            raise VisaeError(f"image folder not found: {root}")
+        self.root = Path(root).absolute()
         self.files = sorted(
             p.relative_to(self.root).as_posix()
             for p in self.root.rglob("*")
@@ -66,7 +67,8 @@ class ImageFolder:
         )
         if not self.files:
             raise VisaeError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}")
-        self.name = name or f"imagefolder:{self.root.name}"
+        self.name = name or f"imagefolder:{Path(root).name}"
+        self.spec: str | None = f"imagefolder:{self.root.resolve()}"
         self.classes = sorted({f.split("/")[0] for f in self.files if "/" in f})
         self._fingerprint: str | None = None
 
@@ -148,6 +150,7 @@ class FashionMNIST:
             raise VisaeError(f"Fashion-MNIST {split}: label {self.labels.max()} out of range")
         self.split = split
         self.name = f"fashion-mnist:{split}"
+        self.spec = self.name if root.resolve() == FASHION_MNIST_DIR.resolve() else None
         h = hashlib.sha256(self.name.encode())
         h.update(self.images.tobytes())
         h.update(self.labels.tobytes())
@@ -198,6 +201,7 @@ class SkimagePhotos:
     """The photographs scikit-image ships in its package (no download)."""
 
     name = "skimage-photos"
+    spec = "skimage"
 
     def __init__(self) -> None:
         from visae.data.backgrounds import skimage_data_dir
@@ -224,7 +228,8 @@ class SkimagePhotos:
 
 
 class Subset:
-    """Chosen images of another dataset, in the given order."""
+    """Chosen images of another dataset, in the given order. A subset of the first N images
+    of a dataset with a spec has the spec `<spec>#N`."""
 
     def __init__(self, dataset: ImageDataset, indices: Sequence[int]):
         n = len(dataset)
@@ -234,6 +239,9 @@ class Subset:
         self.dataset = dataset
         self.indices = [int(i) for i in indices]
         self.name = f"{dataset.name}[{len(self.indices)}]"
+        parent = getattr(dataset, "spec", None)
+        first_n = self.indices == list(range(len(self.indices)))
+        self.spec = f"{parent}#{len(self.indices)}" if parent and first_n else None
         h = hashlib.sha256(dataset.fingerprint.encode())
         h.update(np.asarray(self.indices, np.int64).tobytes())
         self._fingerprint = h.hexdigest()

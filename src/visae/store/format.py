@@ -1,18 +1,16 @@
 """On-disk conventions of an activation store, shared by the writer and the readers.
 
-Everything that decides a byte of the store lives here (file names, JSON encoding, how a
-file is committed), so that a resumed store is byte-identical to one written in one go.
+Everything that decides a byte of the store lives here (file names, JSON encoding), so that a
+resumed store is byte-identical to one written in one go; files are committed by
+`visae.atomic.write_file`.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from visae.errors import VisaeError
 
@@ -22,7 +20,7 @@ MANIFEST = "manifest.json"
 METADATA_DIR = "metadata"
 DTYPES = ("float16", "float32")
 TOKEN_CHOICES = ("all", "patch", "cls")
-TMP_SUFFIX = ".tmp"
+AUTOCAST_CHOICES = ("bf16", "fp16")
 
 _HASH_CHUNK = 1 << 20
 
@@ -39,16 +37,6 @@ def shard_file(layer: int, shard: int) -> str:
 def metadata_file(shard: int) -> str:
     """Path of a shard's per-image metadata (JSON lines) relative to the store root."""
     return f"{METADATA_DIR}/shard_{shard:05d}.jsonl"
-
-
-def tmp_path(final: Path) -> Path:
-    """The temporary name a file is written under before its rename: hidden, same folder
-    (a rename within one folder is atomic), recognisable so a resume can remove it."""
-    return final.with_name(f".{final.name}{TMP_SUFFIX}")
-
-
-def is_tmp_name(name: str) -> bool:
-    return name.startswith(".") and name.endswith(TMP_SUFFIX)
 
 
 def dumps_json(obj: Any) -> str:
@@ -104,55 +92,6 @@ def kinds_runs(layout: dict[str, Any]) -> list[list[Any]]:
     n_cls, n_reg, h, w = _layout_ints(layout)
     runs = [["cls", n_cls], ["register", n_reg], ["patch", h * w]]
     return [r for r in runs if r[1] > 0]
-
-
-class HashingWriter:
-    """A write-only file wrapper that hashes and counts the bytes going through it, so a
-    shard's checksum costs no second read."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        self._f = f
-        self.sha256 = hashlib.sha256()
-        self.n_bytes = 0
-
-    def write(self, data: bytes | memoryview) -> int:
-        self.sha256.update(data)
-        self.n_bytes += len(data)
-        return self._f.write(data)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable (a kill never needs it; a power cut does)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(final: Path, write: Callable[[HashingWriter], None]) -> dict[str, Any]:
-    """Write a file under its temporary name, fsync it, then rename it into place.
-
-    Returns `{"bytes", "sha256"}` of what was written. A full disk becomes a one-line
-    VisaeError and leaves no temporary file behind.
-    """
-    tmp = tmp_path(final)
-    try:
-        with open(tmp, "wb") as f:
-            hw = HashingWriter(f)
-            write(hw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if not isinstance(e, OSError):
-            raise
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise VisaeError(f"disk full while writing {final}") from None
-        raise VisaeError(f"cannot write {final}: {e.strerror or e}") from None
-    return {"bytes": hw.n_bytes, "sha256": hw.sha256.hexdigest()}
 
 
 def sha256_file(path: Path) -> str:

@@ -1,16 +1,18 @@
 """Reading an activation store: verified opening, ordered reads for analysis, seeded
-shuffled reads for training, and random access. Shards are memory-mapped; every read
-returns float32."""
+shuffled reads and uniform token samples for training, and random access. Shards are
+memory-mapped; every read returns float32."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from visae.errors import VisaeError
+from visae.store.checks import VerifiedFiles
 from visae.store.format import (
     FORMAT_NAME,
     MANIFEST,
@@ -47,6 +50,8 @@ _REQUIRED = (
 )
 _VERIFY_PROGRESS_BYTES = 1 << 30
 _OPEN_MAPS = 32
+# a shard's rows are copied run by run (no temporary) when the runs are few, else gathered
+_MAX_RUN_COPIES = 16
 
 
 def _human_bytes(n: int) -> str:
@@ -56,6 +61,66 @@ def _human_bytes(n: int) -> str:
             return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
         size /= 1024
     return f"{size:.1f} TiB"
+
+
+def _non_negative(name: str, value: int) -> int:
+    if not isinstance(value, int | np.integer) or value < 0:
+        raise VisaeError(f"{name} must be a non-negative integer, not {value!r}")
+    return int(value)
+
+
+def _distinct(rng: np.random.Generator, total: int, m: int) -> np.ndarray:
+    """`m` distinct integers of `[0, total)`, every m-subset equally likely, sorted; memory
+    O(m), whatever `total`.
+
+    Draws with replacement until `m` distinct values are in hand, then keeps a random m of
+    them: the set drawn is exchangeable, so given its size it is a uniform subset, and so is a
+    uniform subset of it. When `m` is more than half of `total`, a permutation is as cheap.
+    """
+    if m <= 0:
+        return np.empty(0, dtype=np.int64)
+    if 2 * m >= total:
+        return np.sort(rng.permutation(total)[:m]).astype(np.int64)
+    chosen = np.empty(0, dtype=np.int64)
+    while len(chosen) < m:
+        need = m - len(chosen)
+        chosen = np.union1d(chosen, rng.integers(0, total, size=need + need // 4 + 8))
+    if len(chosen) > m:
+        chosen = np.sort(rng.choice(chosen, m, replace=False))
+    return chosen
+
+
+def _rows_float32(buf: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """`buf[rows]` as float32. torch gathers and converts float16 about 10x faster than numpy
+    (whose half-to-float conversion is not vectorised), which was most of the reader's time."""
+    import torch
+
+    out = torch.from_numpy(buf).index_select(0, torch.from_numpy(rows)).float()
+    return out.numpy()
+
+
+@dataclass(frozen=True)
+class _EpochPlan:
+    """One epoch of `shuffled`, decided before any data is read.
+
+    `order` is the visiting order of the selected images (blocks of consecutive images in a
+    random order); window `w` reads `order[bounds[w]:bounds[w + 1]]` and, with the tokens
+    carried over from window `w - 1` (`carry_in[w]` of them), yields batches
+    `first_batch[w]` to `first_batch[w + 1] - 1`.
+    """
+
+    order: np.ndarray
+    bounds: np.ndarray
+    carry_in: np.ndarray
+    first_batch: np.ndarray
+
+    @property
+    def n_windows(self) -> int:
+        return len(self.bounds) - 1
+
+    @property
+    def n_batches(self) -> int:
+        return int(self.first_batch[-1])
 
 
 class _Done:
@@ -128,12 +193,21 @@ class ActivationStore:
         cls,
         path: str | os.PathLike[str],
         *,
-        verify: bool = True,
+        verify: bool | str = "cached",
         allow_incomplete: bool = False,
         progress: bool = True,
     ) -> ActivationStore:
-        """Open a store. `verify` checks every file's sha256 (streamed); without it only
-        file sizes are checked. An incomplete store needs `allow_incomplete=True`."""
+        """Open a store, checking every listed file's size and, by `verify`, its sha256:
+
+        - `"cached"` (default): only files not verified before with their current size,
+          mtime and inode (the writer records the files it writes; see `visae.store.checks`);
+        - `True`: every file (catches damage that kept a file's size and mtime);
+        - `False`: sizes only.
+
+        An incomplete store needs `allow_incomplete=True`.
+        """
+        if not (isinstance(verify, bool) or verify == "cached"):
+            raise VisaeError(f"verify must be True, False or 'cached', not {verify!r}")
         root = Path(path)
         mpath = root / MANIFEST
         if not mpath.is_file():
@@ -163,22 +237,28 @@ class ActivationStore:
         store._check_files(verify=verify, progress=progress)
         return store
 
-    def _check_files(self, *, verify: bool, progress: bool) -> None:
+    def _check_files(self, *, verify: bool | str, progress: bool) -> None:
         files = [
             (rel, info) for shard in self.manifest["shards"] for rel, info in shard["files"].items()
         ]
+        stats: dict[str, os.stat_result] = {}
         for rel, info in files:
-            f = self.path / rel
-            if not f.is_file():
-                raise VisaeError(f"store {self.path}: file {rel} is missing")
-            size = f.stat().st_size
-            if size != info["bytes"]:
+            try:
+                st = (self.path / rel).stat()
+            except FileNotFoundError:
+                raise VisaeError(f"store {self.path}: file {rel} is missing") from None
+            if st.st_size != info["bytes"]:
                 raise VisaeError(
                     f"store {self.path}: {rel} is truncated or damaged "
-                    f"({size} bytes, the manifest says {info['bytes']})"
+                    f"({st.st_size} bytes, the manifest says {info['bytes']})"
                 )
-        if not verify:
+            stats[rel] = st
+        if verify is False:
             return
+        checked = VerifiedFiles(self.path)
+        expected = {rel: info["sha256"] for rel, info in files}
+        if verify == "cached":
+            files = [(r, i) for r, i in files if not checked.holds(r, stats[r], i["sha256"])]
         total = sum(info["bytes"] for _, info in files)
         bar = tqdm(
             total=total,
@@ -195,12 +275,16 @@ class ActivationStore:
             return rel, ok
 
         # hashlib releases the GIL on large buffers: a few threads hash shards in parallel
-        with bar, ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            for rel, ok in pool.map(digest, files):
-                if not ok:
-                    raise VisaeError(
-                        f"store {self.path}: checksum mismatch in {rel} (the file is corrupted)"
-                    )
+        try:
+            with bar, ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+                for rel, ok in pool.map(digest, files):
+                    if not ok:
+                        raise VisaeError(
+                            f"store {self.path}: checksum mismatch in {rel} (the file is corrupted)"
+                        )
+                    checked.record(rel, stats[rel], expected[rel])
+        finally:
+            checked.save(keep=stats)
 
     # -- description ---------------------------------------------------------------------
 
@@ -241,6 +325,21 @@ class ActivationStore:
     @property
     def dataset(self) -> dict[str, Any]:
         return dict(self.manifest["dataset"])
+
+    @property
+    def dataset_spec(self) -> str | None:
+        """The `visae.data.load_dataset` spec that reopens the store's images (None for stores
+        written before specs were recorded, or from a dataset without one); reopen them with
+        `visae.store.open_dataset`, which checks they are the same images."""
+        spec = self.manifest["dataset"].get("spec")
+        return None if spec is None else str(spec)
+
+    @property
+    def autocast(self) -> str | None:
+        """The reduced precision the backbone ran under at extraction ("bf16", "fp16"), or
+        None for full precision."""
+        value = self.manifest.get("autocast")
+        return None if value is None else str(value)
 
     @property
     def skipped(self) -> list[dict[str, Any]]:
@@ -321,8 +420,10 @@ class ActivationStore:
         return out
 
     def identity(self) -> dict[str, Any]:
-        """What a downstream artifact records about the data it came from."""
-        return {
+        """What a downstream artifact records about the data it came from (`autocast` only
+        when the backbone ran in reduced precision, so full-precision identities are those
+        recorded before the field existed)."""
+        ident = {
             "path": str(self.path.resolve()),
             "schema_version": self.manifest["schema_version"],
             "backbone": self.manifest["backbone"]["name"],
@@ -337,6 +438,9 @@ class ActivationStore:
                 for e in self.manifest["layers"]
             },
         }
+        if self.autocast is not None:
+            ident["autocast"] = self.autocast
+        return ident
 
     def summary(self) -> str:
         """Human-readable description (what `visae info` prints)."""
@@ -348,10 +452,12 @@ class ActivationStore:
             f"backbone     {b['name']}  (weights {str(b['weights_hash'])[:16]})",
             f"preprocess   {json.dumps(b['preprocessing'], sort_keys=True)}",
             f"dataset      {ds['name']}  (fingerprint {str(ds['fingerprint'])[:16]})",
+            f"dataset spec {self.dataset_spec or '(none recorded)'}",
             f"images       {self.n_images} in {self.n_shards} shards of up to {m['shard_images']}",
             f"skipped      {len(m['skipped'])} unreadable images",
             f"tokens       {m['tokens']}",
             f"dtype        {m['dtype']}",
+            f"autocast     {self.autocast or 'none (full precision)'}",
         ]
         for e in m["layers"]:
             lay = e["layout"]
@@ -467,6 +573,43 @@ class ActivationStore:
                 pos += take
             yield np.arange(start, stop, dtype=np.int64), out
 
+    def _selected(self, images: np.ndarray | None) -> np.ndarray:
+        """Sorted distinct store image indices of a selection (None: every image)."""
+        mask = self._image_mask(images)
+        if mask is None:
+            return np.arange(self.n_images, dtype=np.int64)
+        return np.flatnonzero(mask).astype(np.int64)
+
+    def _read_images(self, layer: int, images: np.ndarray, sl: slice, out: np.ndarray) -> None:
+        """Copy the `sl` tokens of `images` (sorted store indices) into `out` `[n, T_sel, d]`,
+        shard by shard: runs of consecutive images are one slice copy each."""
+        shards = np.searchsorted(self._starts, images, side="right") - 1
+        cuts = np.flatnonzero(np.diff(shards)) + 1
+        for lo, hi in zip([0, *cuts], [*cuts, len(images)], strict=True):
+            shard = int(shards[lo])
+            local = images[lo:hi] - self._starts[shard]
+            arr = self._shard(layer, shard)
+            breaks = np.flatnonzero(np.diff(local) != 1) + 1
+            if len(breaks) >= _MAX_RUN_COPIES:
+                out[lo:hi] = arr[local, sl]
+                continue
+            for a, b in zip([0, *breaks], [*breaks, len(local)], strict=True):
+                out[lo + a : lo + b] = arr[local[a] : local[a] + (b - a), sl]
+
+    def _gather_tokens(
+        self, layer: int, images: np.ndarray, positions: np.ndarray, out: np.ndarray
+    ) -> None:
+        """`out[i] = token positions[i] of store image images[i]`, in any order; each shard is
+        mapped once."""
+        order = np.argsort(images, kind="stable")
+        shards = np.searchsorted(self._starts, images[order], side="right") - 1
+        cuts = np.flatnonzero(np.diff(shards)) + 1
+        for lo, hi in zip([0, *cuts], [*cuts, len(order)], strict=True):
+            shard = int(shards[lo])
+            rows = order[lo:hi]
+            arr = self._shard(layer, shard)
+            out[rows] = arr[images[rows] - self._starts[shard], positions[rows]]
+
     def shuffled(
         self,
         layer: int,
@@ -477,74 +620,139 @@ class ActivationStore:
         prefetch: int = 2,
         buffer_tokens: int = 1 << 18,
         images: np.ndarray | None = None,
+        block_images: int = 1,
+        start_batch: int = 0,
     ) -> Iterator[np.ndarray]:
-        """One epoch of `[<= batch_size, d]` float32 batches in a seeded random order.
+        """One epoch of `[<= batch_size, d]` float32 batches, each a uniform draw over the
+        selected images, in a seeded order.
 
-        Shards are visited in a random order; groups of them (at least `buffer_tokens`
-        tokens, plus the remainder of the previous group) are loaded into memory and drawn
-        from by a random permutation, so every selected token comes exactly once per epoch.
-        The order depends only on (seed, epoch, batch_size, buffer_tokens), never on
-        `prefetch` (batches built that many ahead in a background thread; 0 = inline).
-        `images` (store image indices) restricts the epoch to those images, e.g. to hold
-        some out for evaluation.
+        The selected images are cut into blocks of `block_images` consecutive ones, and the
+        blocks put in a random order; windows of consecutive blocks (at least `buffer_tokens`
+        tokens) are read in turn, each sorted for locality, and their tokens, with those left
+        over from the previous window, are drawn from by a random permutation. So a batch mixes
+        images from the whole store (a store sorted by class gives batches of every class),
+        every selected token comes exactly once per epoch and only the last batch is short.
+
+        The order depends only on (seed, epoch, batch_size, buffer_tokens, block_images) and
+        the selection, never on `prefetch` (batches built that many ahead in a background
+        thread; 0 = inline). `images` (store image indices) restricts the epoch to those
+        images, e.g. to hold some out for evaluation. `start_batch` yields the batches from
+        that one on, exactly those of the full epoch, without reading the windows before it
+        (a resumed trainer).
         """
         if batch_size < 1:
             raise VisaeError(f"batch_size must be positive, not {batch_size}")
         if buffer_tokens < 1:
             raise VisaeError(f"buffer_tokens must be positive, not {buffer_tokens}")
+        if block_images < 1:
+            raise VisaeError(f"block_images must be positive, not {block_images}")
+        start_batch = _non_negative("start_batch", start_batch)
+        seed, epoch = _non_negative("seed", seed), _non_negative("epoch", epoch)
         sl = self._token_slice(layer, tokens)
-        rng = np.random.default_rng([int(seed), int(epoch)])
-        keep = self._image_mask(images)
-        items = self._shuffled_batches(layer, sl, batch_size, buffer_tokens, rng, keep)
+        plan = self._epoch_plan(
+            self._selected(images),
+            sl.stop - sl.start,
+            batch_size,
+            buffer_tokens,
+            block_images,
+            seed,
+            epoch,
+        )
+        items = self._shuffled_batches(layer, sl, batch_size, plan, seed, epoch, start_batch)
         if prefetch > 0:
             return _prefetched(items, prefetch)
         return items
+
+    @staticmethod
+    def _epoch_plan(
+        selected: np.ndarray,
+        n_sel: int,
+        batch_size: int,
+        buffer_tokens: int,
+        block_images: int,
+        seed: int,
+        epoch: int,
+    ) -> _EpochPlan:
+        n_blocks = math.ceil(len(selected) / block_images)
+        blocks = np.random.default_rng([seed, epoch, 0]).permutation(n_blocks)
+        idx = (blocks[:, None] * block_images + np.arange(block_images)).ravel()
+        order = selected[idx[idx < len(selected)]]
+        # block sizes in visiting order (only the last block of `selected` may be short)
+        sizes = np.minimum(block_images, len(selected) - blocks * block_images)
+        per_window = max(1, math.ceil(buffer_tokens / (block_images * n_sel)))
+        ends = np.cumsum(sizes)[per_window - 1 :: per_window]
+        bounds = np.unique(np.concatenate([[0], ends, [len(order)]])).astype(np.int64)
+        new = np.diff(bounds) * n_sel
+        before = np.cumsum(new) - new
+        first = np.append(before // batch_size, math.ceil(len(order) * n_sel / batch_size))
+        return _EpochPlan(order, bounds, before % batch_size, first.astype(np.int64))
 
     def _shuffled_batches(
         self,
         layer: int,
         sl: slice,
         batch_size: int,
-        buffer_tokens: int,
-        rng: np.random.Generator,
-        keep: np.ndarray | None,
+        plan: _EpochPlan,
+        seed: int,
+        epoch: int,
+        start_batch: int,
     ) -> Iterator[np.ndarray]:
+        if start_batch >= plan.n_batches:
+            return
         d = self.d(layer)
         n_sel = sl.stop - sl.start
         dtype = np.dtype(self.dtype)
-        if keep is None:
-            kept = self._images
-        else:
-            upto = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
-            kept = upto[self._starts[1:]] - upto[self._starts[:-1]]
-        order = [int(s) for s in rng.permutation(self.n_shards) if kept[s] > 0]
-        carry = np.empty((0, d), dtype=dtype)
-        i = 0
-        while i < len(order):
-            group: list[int] = []
-            count = len(carry)
-            while i < len(order) and (count < buffer_tokens or not group):
-                group.append(order[i])
-                count += int(kept[order[i]]) * n_sel
-                i += 1
+        # the window holding batch `start_batch`; the tokens it inherits are found by replaying
+        # the permutations (no data) from the last window before it that inherits none
+        first = int(np.searchsorted(plan.first_batch[:-1], start_batch, side="right")) - 1
+        replay = int(np.flatnonzero(plan.carry_in[: first + 1] == 0)[-1])
+        carry_ids = np.empty(0, dtype=np.int64)
+        for w in range(replay, first):
+            imgs = np.sort(plan.order[plan.bounds[w] : plan.bounds[w + 1]])
+            ids = np.concatenate([carry_ids, (imgs[:, None] * n_sel + np.arange(n_sel)).ravel()])
+            perm = np.random.default_rng([seed, epoch, 1 + w]).permutation(len(ids))
+            carry_ids = ids[perm[len(ids) // batch_size * batch_size :]]
+        carry = np.empty((len(carry_ids), d), dtype=dtype)
+        if len(carry_ids):
+            self._gather_tokens(layer, carry_ids // n_sel, sl.start + carry_ids % n_sel, carry)
+        for w in range(first, plan.n_windows):
+            imgs = np.sort(plan.order[plan.bounds[w] : plan.bounds[w + 1]])
+            count = len(carry) + len(imgs) * n_sel
             buf = np.empty((count, d), dtype=dtype)
             buf[: len(carry)] = carry
-            off = len(carry)
-            for s in group:
-                arr = self._shard(layer, s)
-                if keep is not None and kept[s] < arr.shape[0]:
-                    arr = arr[keep[self._starts[s] : self._starts[s + 1]]]
-                n = arr.shape[0] * n_sel
-                buf[off : off + n].reshape(arr.shape[0], n_sel, d)[...] = arr[:, sl]
-                off += n
-            perm = rng.permutation(count)
-            last = i == len(order)
+            self._read_images(layer, imgs, sl, buf[len(carry) :].reshape(len(imgs), n_sel, d))
+            perm = np.random.default_rng([seed, epoch, 1 + w]).permutation(count)
             n_full = count // batch_size
-            for b in range(n_full):
-                yield buf[perm[b * batch_size : (b + 1) * batch_size]].astype(np.float32)
-            rest = perm[n_full * batch_size :]
-            if last:
-                if len(rest):
-                    yield buf[rest].astype(np.float32)
-            else:
-                carry = buf[rest]
+            last = w == plan.n_windows - 1
+            n_out = n_full + int(last and count > n_full * batch_size)
+            skip = max(0, start_batch - int(plan.first_batch[w]))
+            for b in range(skip, n_out):
+                yield _rows_float32(buf, perm[b * batch_size : (b + 1) * batch_size])
+            carry = buf[perm[n_full * batch_size :]]
+
+    def sample_tokens(
+        self,
+        layer: int,
+        tokens: str,
+        n: int,
+        seed: int,
+        images: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """`[min(n, available), d]` float32: `n` distinct tokens drawn uniformly from the selected
+        images (every selected token equally likely), in random order, seeded.
+
+        Only the images holding a drawn token are read, and memory stays O(n) whatever the
+        store's size: for the normalisation statistics, calibration and evaluation sets.
+        """
+        if not isinstance(n, int | np.integer) or n < 0:
+            raise VisaeError(f"n must be a non-negative integer, not {n!r}")
+        rng = np.random.default_rng([_non_negative("seed", seed), 1])
+        sl = self._token_slice(layer, tokens)
+        n_sel = sl.stop - sl.start
+        selected = self._selected(images)
+        flat = _distinct(rng, len(selected) * n_sel, min(int(n), len(selected) * n_sel))
+        flat = flat[rng.permutation(len(flat))]
+        out = np.empty((len(flat), self.d(layer)), dtype=np.float32)
+        if len(flat):
+            self._gather_tokens(layer, selected[flat // n_sel], sl.start + flat % n_sel, out)
+        return out

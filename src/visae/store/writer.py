@@ -17,8 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from visae.atomic import is_tmp_name, write_file
 from visae.errors import VisaeError
+from visae.store.checks import VerifiedFiles
 from visae.store.format import (
+    AUTOCAST_CHOICES,
     DTYPES,
     FORMAT_NAME,
     MANIFEST,
@@ -27,14 +30,12 @@ from visae.store.format import (
     TOKEN_CHOICES,
     dumps_json,
     dumps_json_line,
-    is_tmp_name,
     kinds_runs,
     layer_dir,
     metadata_file,
     normalise_json,
     shard_file,
     stored_selection,
-    write_atomic,
 )
 
 if TYPE_CHECKING:
@@ -75,7 +76,10 @@ class StoreSpec:
     """Everything that identifies a store's contents; resuming requires an equal spec.
 
     `backbone`: `{"name", "weights_hash", "preprocessing"}`; `dataset`: `{"name",
-    "fingerprint"}`. `tokens` chooses which tokens are kept ("all", "patch" or "cls").
+    "fingerprint"}` and, where the dataset has one, the `spec` that reopens it (where the
+    images are, not what they are: a resumed store keeps the spec it was started with).
+    `tokens` chooses which tokens are kept ("all", "patch" or "cls"); `autocast` is the
+    reduced precision the backbone ran under ("bf16", "fp16"; None: full precision).
     """
 
     backbone: Mapping[str, Any]
@@ -84,6 +88,7 @@ class StoreSpec:
     dtype: str = "float16"
     tokens: str = "all"
     shard_images: int = 256
+    autocast: str | None = None
     _layers: list[dict[str, Any]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -98,6 +103,11 @@ class StoreSpec:
         if self.tokens not in TOKEN_CHOICES:
             raise VisaeError(
                 f"tokens must be one of {', '.join(TOKEN_CHOICES)}, not {self.tokens!r}"
+            )
+        if self.autocast is not None and self.autocast not in AUTOCAST_CHOICES:
+            raise VisaeError(
+                f"autocast must be one of {', '.join(AUTOCAST_CHOICES)} or None, "
+                f"not {self.autocast!r}"
             )
         if not isinstance(self.shard_images, int) or self.shard_images < 1:
             raise VisaeError(f"shard_images must be a positive integer, not {self.shard_images!r}")
@@ -144,6 +154,7 @@ class StoreSpec:
                 dtype=manifest["dtype"],
                 tokens=manifest["tokens"],
                 shard_images=manifest["shard_images"],
+                autocast=manifest.get("autocast"),
             )
         except (KeyError, TypeError) as e:
             raise VisaeError(f"manifest lacks a store spec field: {e}") from None
@@ -164,6 +175,7 @@ class StoreSpec:
                 "dtype": self.dtype,
                 "tokens": self.tokens,
                 "shard_images": self.shard_images,
+                "autocast": self.autocast,
                 "layers": self._layers,
                 "shards": [],
                 "n_images": 0,
@@ -188,9 +200,15 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _identity(dataset: Mapping[str, Any]) -> dict[str, Any]:
+    """A dataset entry without its `spec`: where the images are is not what they are."""
+    return {k: v for k, v in dataset.items() if k != "spec"}
+
+
 def _spec_difference(have: dict[str, Any], want: dict[str, Any]) -> str | None:
     """The first spec field in which two manifests differ, as `field (store: a, requested:
-    b)`, or None. Named fields first, so the message says *what* differs."""
+    b)`, or None. Named fields first, so the message says *what* differs. Manifests written
+    before `autocast` existed are full precision."""
     checks: list[tuple[str, Any, Any]] = [
         ("backbone name", have["backbone"].get("name"), want["backbone"]["name"]),
         (
@@ -206,13 +224,14 @@ def _spec_difference(have: dict[str, Any], want: dict[str, Any]) -> str | None:
         ("backbone", have["backbone"], want["backbone"]),
         ("dataset fingerprint", have["dataset"].get("fingerprint"), want["dataset"]["fingerprint"]),
         ("dataset name", have["dataset"].get("name"), want["dataset"]["name"]),
-        ("dataset", have["dataset"], want["dataset"]),
+        ("dataset", _identity(have["dataset"]), _identity(want["dataset"])),
         (
             "layers",
             [e.get("layer") for e in have["layers"]],
             [e["layer"] for e in want["layers"]],
         ),
         ("dtype", have["dtype"], want["dtype"]),
+        ("autocast", have.get("autocast"), want["autocast"]),
         ("tokens", have["tokens"], want["tokens"]),
         ("shard_images", have["shard_images"], want["shard_images"]),
     ]
@@ -250,6 +269,7 @@ class StoreWriter:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise VisaeError(f"cannot create store directory {self.path}: {e.strerror}") from None
+        self._checked = VerifiedFiles(self.path)
         self._lock()
         try:
             if (self.path / MANIFEST).exists():
@@ -261,7 +281,7 @@ class StoreWriter:
                 self._write_manifest()
                 self.resumed = False
         except BaseException:
-            self.close()
+            self._unlock()
             raise
 
     # -- state -------------------------------------------------------------------------
@@ -361,7 +381,7 @@ class StoreWriter:
 
     def _write_manifest(self) -> None:
         text = dumps_json(self.manifest).encode("utf-8")
-        write_atomic(self.path / MANIFEST, lambda f: f.write(text))
+        write_file(self.path / MANIFEST, lambda f: f.write(text))
 
     def _prepare(
         self, acts_by_layer: Mapping[int, np.ndarray], metadata: Sequence[Mapping[str, Any]]
@@ -453,11 +473,13 @@ class StoreWriter:
             def write_npy(f: Any, arr: np.ndarray = arr) -> None:
                 np.lib.format.write_array(f, arr, version=(1, 0), allow_pickle=False)
 
-            files[rel] = write_atomic(self.path / rel, write_npy)
+            files[rel] = write_file(self.path / rel, write_npy)
         rel = metadata_file(index)
         _mkdir(self.path / METADATA_DIR)
         blob = "".join(lines).encode("utf-8")
-        files[rel] = write_atomic(self.path / rel, lambda f: f.write(blob))
+        files[rel] = write_file(self.path / rel, lambda f: f.write(blob))
+        for rel, info in files.items():  # written and hashed just now: no reader re-hashes them
+            self._checked.record(rel, (self.path / rel).stat(), info["sha256"])
 
         record: dict[str, Any] = {
             "index": index,
@@ -494,7 +516,13 @@ class StoreWriter:
         self.close()
 
     def close(self) -> None:
-        """Release the directory lock without marking the store complete."""
+        """Release the directory lock without marking the store complete (and record the
+        files written as verified, see `visae.store.checks`)."""
+        if self._lock_fd is not None:
+            self._checked.save(keep=[r for s in self.manifest["shards"] for r in s["files"]])
+        self._unlock()
+
+    def _unlock(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
