@@ -3,6 +3,8 @@
 # which imports torchvision and OpenCV at import time. PyPI's torchvision does not import beside
 # the project's torch 2.13.0, so this environment pins a matching torch/torchvision pair. It is
 # kept out of the test set-up on purpose; the folder ignores itself for git (its own .gitignore).
+# The benchmark reports the torch of this environment (all its contenders run in one process)
+# beside the project's own (.venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV_BENCH:-.venv-bench}"
@@ -13,4 +15,4 @@ echo "*" > "$VENV/.gitignore"
 "$VENV/bin/pip" install --quiet opencv-python-headless "matplotlib<3.9" overcomplete
 "$VENV/bin/pip" install --quiet numpy safetensors tqdm huggingface-hub pillow
 "$VENV/bin/pip" install --quiet --no-deps -e .
-"$VENV/bin/python" -c "import overcomplete, torch, visae; print('bench env ok: torch', torch.__version__)"
+"$VENV/bin/python" -c "import overcomplete, torch, visae; print('bench env ok: torch', torch.__version__, '/ overcomplete', overcomplete.__version__)"

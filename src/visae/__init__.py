@@ -1,14 +1,8 @@
-"""visae: understand vision models with sparse autoencoders."""
+"""visae: understand vision models with sparse autoencoders.
 
-from typing import Any
+The SAE lives in `visae.sae` (`from visae.sae import SAE`); this module holds only the version,
+so that reading it imports nothing else (no torch, no import cycle through the packages that
+record it in their artifacts).
+"""
 
 __version__ = "0.1.0"
-
-
-def __getattr__(name: str) -> Any:
-    """`visae.SAE` without importing torch when only the version is needed."""
-    if name == "SAE":
-        from visae.sae import SAE
-
-        return SAE
-    raise AttributeError(f"module 'visae' has no attribute {name!r}")

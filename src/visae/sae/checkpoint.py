@@ -1,54 +1,77 @@
-"""SAE checkpoints: a directory with `config.json` and `model.safetensors`, no pickle.
+"""The SAE checkpoint format: a directory with `config.json` and `model.safetensors`, no pickle.
 
 config.json holds the schema version, the visae version, the architecture and every
 hyperparameter, the input normalisation (exact: float32 values survive JSON's float64), the
 tokens seen, and the store identity and layer the SAE was trained on. model.safetensors holds
 the parameters and the training state (dead-latent counters, BatchTopK's threshold).
+
+This module knows the files, not the `SAE` class: `SAE.save` hands it plain tensors and values,
+and `SAE.load` builds the SAE from what `read_checkpoint` returns. So nothing here imports the
+model, and the model's `save`/`load` can import this module without a cycle.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor
 
 import visae
+from visae.atomic import atomic_directory, is_tmp_name, write_bytes, write_text
 from visae.errors import VisaeError
-from visae.sae.config import ARCHITECTURES, SAEConfig
-from visae.sae.model import SAE
+from visae.sae.config import SAEConfig
+from visae.sae.registry import ARCHS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+OWN_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 
 
-def save_checkpoint(
-    sae: SAE,
+@dataclass
+class CheckpointContents:
+    """Everything a checkpoint directory holds, validated against the format (not yet against
+    an SAE: `SAE.load` checks the tensors' names and shapes)."""
+
+    cfg: SAEConfig
+    tensors: dict[str, Tensor]
+    norm_mean: list[float]
+    norm_scale: float
+    tokens_seen: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def write_checkpoint(
     path: Path,
     *,
+    cfg: SAEConfig,
+    tensors: dict[str, Tensor],
+    norm_mean: list[float],
+    norm_scale: float,
+    tokens_seen: int,
     store: dict[str, Any] | None,
     layer: int | None,
     metadata: dict[str, Any],
 ) -> Path:
-    """Write the checkpoint; each file goes to a temporary name first, config.json last."""
-    if path.exists() and not path.is_dir():
-        raise VisaeError(f"cannot save SAE checkpoint: {path} exists and is not a directory")
-    path.mkdir(parents=True, exist_ok=True)
+    """Write the checkpoint directory `path` whole: both files are built in a temporary sibling
+    folder (each fsynced) that is then swapped in, so a kill at any moment leaves either the
+    previous checkpoint or this one, and a full disk is a one-line error that leaves the
+    previous checkpoint in place. A folder holding anything else is never replaced."""
+    _check_replaceable(path)
     config = {
         "schema_version": SCHEMA_VERSION,
         "visae_version": visae.__version__,
-        "architecture": sae.cfg.arch,
-        "config": sae.cfg.to_dict(),
-        "normalization": {
-            "mean": sae.norm_mean.tolist(),
-            "scale": float(sae.norm_scale),
-        },
-        "tokens_seen": int(sae.tokens_seen),
+        "architecture": cfg.arch,
+        "config": cfg.to_dict(),
+        "normalization": {"mean": norm_mean, "scale": norm_scale},
+        "tokens_seen": tokens_seen,
         "store": store,
         "layer": layer,
         "metadata": metadata,
@@ -56,29 +79,47 @@ def save_checkpoint(
     try:
         text = json.dumps(config, indent=2, allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise VisaeError(f"SAE checkpoint metadata is not JSON-serialisable: {exc}") from exc
-    tensors = {name: t.detach().contiguous().cpu() for name, t in sae.state_dict().items()}
-    weights_tmp = path / f".{WEIGHTS_NAME}.tmp"
-    save_file(
-        tensors, str(weights_tmp), metadata={"format": "pt", "visae_schema": str(SCHEMA_VERSION)}
+        raise VisaeError(f"SAE checkpoint metadata is not JSON-serialisable: {exc}") from None
+    data = safetensors_bytes(
+        {name: t.detach().contiguous().cpu() for name, t in tensors.items()},
+        metadata={"format": "pt", "visae_schema": str(SCHEMA_VERSION)},
     )
-    os.replace(weights_tmp, path / WEIGHTS_NAME)
-    config_tmp = path / f".{CONFIG_NAME}.tmp"
-    config_tmp.write_text(text + "\n")
-    os.replace(config_tmp, path / CONFIG_NAME)
+    with atomic_directory(path) as tmp:
+        write_bytes(tmp / WEIGHTS_NAME, data)
+        write_text(tmp / CONFIG_NAME, text + "\n")
     return path
 
 
-def load_checkpoint(
+def _check_replaceable(path: Path) -> None:
+    """Refuse a destination that is a file, or a folder with anything but a checkpoint's files
+    (a typo must never replace someone's run folder)."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise VisaeError(f"cannot save SAE checkpoint: {path} exists and is not a directory")
+    own = set(OWN_FILES)
+    foreign = sorted(
+        name
+        for name in os.listdir(path)
+        if name not in own and not (is_tmp_name(name) and name[1:].rsplit(".", 1)[0] in own)
+    )
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise VisaeError(
+            f"refusing to replace {path}: it holds {shown}, not part of an SAE checkpoint"
+        )
+
+
+def read_checkpoint(
     path_or_repo_id: str | Path,
     *,
-    revision: str | None,
-    cache_dir: str | Path | None,
-    local_files_only: bool,
-) -> SAE:
-    """Resolve a local directory or hub repo id to a directory, then load it."""
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+) -> CheckpointContents:
+    """Resolve a local directory or hub repo id to a directory, then read it."""
     directory = _resolve(str(path_or_repo_id), revision, cache_dir, local_files_only)
-    return load_directory(directory)
+    return read_directory(directory)
 
 
 def _looks_local(spec: str) -> bool:
@@ -107,18 +148,29 @@ def _resolve(
             revision=revision,
             cache_dir=cache_dir,
             local_files_only=local_files_only,
-            allow_patterns=[CONFIG_NAME, WEIGHTS_NAME],
+            allow_patterns=list(OWN_FILES),
         )
     except Exception as exc:  # hub errors come in many types; one clear line for the user
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VisaeError(
             f"could not fetch SAE checkpoint {spec!r} from the hub: {first_line}"
-        ) from exc
+        ) from None
     return Path(downloaded)
 
 
-def load_directory(directory: Path) -> SAE:
-    """Load and validate one checkpoint directory."""
+def _migrate_v1(config: dict[str, Any]) -> None:
+    """Schema 1 -> 2: JumpReLU's fixed initial threshold gave way to a target L0. Both only
+    matter for initialisation (a loaded SAE keeps its learnt thresholds), so the old field is
+    dropped and the target set to the default, or below the width of a small SAE."""
+    config.pop("jumprelu_threshold_init", None)
+    n_latents = config.get("n_latents")
+    default = SAEConfig.jumprelu_target_l0
+    if isinstance(n_latents, int) and n_latents > 1:
+        config.setdefault("jumprelu_target_l0", min(default, n_latents - 1))
+
+
+def read_directory(directory: Path) -> CheckpointContents:
+    """Read and validate one checkpoint directory."""
     config_path = directory / CONFIG_NAME
     weights_path = directory / WEIGHTS_NAME
     if not config_path.is_file():
@@ -128,70 +180,63 @@ def load_directory(directory: Path) -> SAE:
     try:
         info = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise VisaeError(f"{config_path} is not valid JSON: {exc}") from exc
+        raise VisaeError(f"{config_path} is not valid JSON: {exc}") from None
     if not isinstance(info, dict):
         raise VisaeError(f"{config_path} must hold a JSON object")
     schema = info.get("schema_version")
-    if not isinstance(schema, int):
-        raise VisaeError(f"{config_path} has no integer schema_version")
+    if not isinstance(schema, int) or isinstance(schema, bool) or schema < 1:
+        raise VisaeError(f"{config_path} has no positive integer schema_version")
     if schema > SCHEMA_VERSION:
         raise VisaeError(
             f"{config_path} has schema version {schema}, newer than this visae "
             f"({visae.__version__}) reads ({SCHEMA_VERSION}); upgrade visae"
         )
     arch = info.get("architecture")
-    if arch not in ARCHITECTURES:
+    if arch not in ARCHS:
         raise VisaeError(
-            f"{config_path}: unknown SAE architecture {arch!r}; expected one of {ARCHITECTURES}"
+            f"{config_path}: unknown SAE architecture {arch!r}; expected one of {ARCHS.names()}"
         )
     config_dict = info.get("config")
     if not isinstance(config_dict, dict):
         raise VisaeError(f"{config_path} has no 'config' object")
+    if schema == 1:
+        _migrate_v1(config_dict)
     try:
         cfg = SAEConfig.from_dict(config_dict)
     except VisaeError as exc:
-        raise VisaeError(f"{config_path}: {exc}") from exc
+        raise VisaeError(f"{config_path}: {exc}") from None
     if cfg.arch != arch:
         raise VisaeError(
             f"{config_path}: architecture {arch!r} disagrees with config arch {cfg.arch!r}"
         )
-
-    try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError) as exc:
-        raise VisaeError(f"cannot read {weights_path}: {exc}") from exc
-    sae = SAE.create(cfg)
-    expected = sae.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise VisaeError(
-            f"{weights_path} does not match a {arch} SAE: "
-            f"missing {missing}, unexpected {unexpected}"
-        )
-    for name, reference in expected.items():
-        tensor = tensors[name]
-        if tuple(tensor.shape) != tuple(reference.shape):
-            raise VisaeError(
-                f"{weights_path}: {name} has shape {tuple(tensor.shape)} but config.json says "
-                f"d={cfg.d}, n_latents={cfg.n_latents} (expected {tuple(reference.shape)})"
-            )
-    sae.to(tensors["W_enc"].dtype)
-    sae.load_state_dict(tensors, strict=True)
-
     normalization = info.get("normalization") or {}
     mean = normalization.get("mean")
     scale = normalization.get("scale")
-    if not isinstance(mean, list) or not isinstance(scale, int | float):
+    if (
+        not isinstance(mean, list)
+        or not all(isinstance(v, int | float) for v in mean)
+        or not isinstance(scale, int | float)
+    ):
         raise VisaeError(f"{config_path} has no normalization mean/scale")
-    sae.set_normalization(torch.tensor(mean, dtype=sae.W_enc.dtype), float(scale))
-    sae.tokens_seen.fill_(int(info.get("tokens_seen", 0)))
-    sae.checkpoint_info = {
-        "path": str(directory),
-        "schema_version": schema,
-        "visae_version": info.get("visae_version"),
-        "store": info.get("store"),
-        "layer": info.get("layer"),
-        "metadata": info.get("metadata") or {},
-    }
-    return sae
+    tokens_seen = info.get("tokens_seen", 0)
+    if not isinstance(tokens_seen, int) or tokens_seen < 0:
+        raise VisaeError(f"{config_path}: tokens_seen={tokens_seen!r} must be an integer >= 0")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as exc:
+        raise VisaeError(f"cannot read {weights_path}: {exc}") from None
+    return CheckpointContents(
+        cfg=cfg,
+        tensors=tensors,
+        norm_mean=[float(v) for v in mean],
+        norm_scale=float(scale),
+        tokens_seen=tokens_seen,
+        info={
+            "path": str(directory),
+            "schema_version": schema,
+            "visae_version": info.get("visae_version"),
+            "store": info.get("store"),
+            "layer": info.get("layer"),
+            "metadata": info.get("metadata") or {},
+        },
+    )

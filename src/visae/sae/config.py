@@ -9,9 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from visae.errors import VisaeError
+from visae.sae.registry import ARCHS
 
-ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
-TOPK_FAMILY = ("topk", "batchtopk")
 B_DEC_INITS = ("mean", "geometric_median")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -36,10 +35,12 @@ class SAEConfig:
     # only matters when `normalize_decoder` is off (with unit rows the weights are all 1).
     l1_coeff: float = 8e-4
     decoder_norm_l1: bool = False
-    # JumpReLU: initial threshold, rectangle-kernel bandwidth of the straight-through estimator,
-    # and the L0 penalty coefficient.
-    jumprelu_threshold_init: float = 1e-3
-    jumprelu_bandwidth: float = 1e-3
+    # JumpReLU: the L0 it starts at (`SAE.init_from_sample` puts each latent's threshold at the
+    # quantile of its pre-activations above which it fires on jumprelu_target_l0 / n_latents of
+    # the tokens), the rectangle-kernel bandwidth of the straight-through estimator (in units of
+    # the normalised pre-activations) and the L0 penalty coefficient.
+    jumprelu_target_l0: int = 32
+    jumprelu_bandwidth: float = 0.05
     l0_coeff: float = 1e-3
     # BatchTopK: EMA momentum of the inference threshold (min selected activation per batch).
     batchtopk_momentum: float = 0.99
@@ -62,38 +63,39 @@ class SAEConfig:
         if self.matryoshka is not None:
             self.matryoshka = tuple(float(f) for f in self.matryoshka)
         if self.auxk is None:
-            self.auxk = self.arch in TOPK_FAMILY
+            self.auxk = "auxk" in ARCHS.get(self.arch).uses
         self.validate()
 
     def validate(self) -> None:
-        """Raise `VisaeError` naming the first bad field."""
-        if self.arch not in ARCHITECTURES:
-            raise VisaeError(
-                f"unknown SAE architecture {self.arch!r}; expected one of {ARCHITECTURES}"
-            )
+        """Raise `VisaeError` naming the first bad field.
+
+        Options an architecture does not take (its class's `uses`) are refused when set away
+        from their neutral value (Matryoshka, AuxK, bf16), so a sweep never silently ignores one.
+        """
+        uses = ARCHS.get(self.arch).uses
         _positive_int("d", self.d)
         _positive_int("n_latents", self.n_latents)
-        topk_family = self.arch in TOPK_FAMILY
-        if topk_family and not 1 <= self.k <= self.n_latents:
+        if "k" in uses and not 1 <= self.k <= self.n_latents:
             raise VisaeError(f"k={self.k} must be between 1 and n_latents={self.n_latents}")
         for name in ("l1_coeff", "l0_coeff", "auxk_coeff"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise VisaeError(f"{name}={value} must be a finite number >= 0")
-        for name in ("jumprelu_threshold_init", "jumprelu_bandwidth"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise VisaeError(f"{name}={value} must be > 0")
+        if not (math.isfinite(self.jumprelu_bandwidth) and self.jumprelu_bandwidth > 0):
+            raise VisaeError(f"jumprelu_bandwidth={self.jumprelu_bandwidth} must be > 0")
+        _positive_int("jumprelu_target_l0", self.jumprelu_target_l0)
+        if "jumprelu_target_l0" in uses and self.jumprelu_target_l0 >= self.n_latents:
+            raise VisaeError(
+                f"jumprelu_target_l0={self.jumprelu_target_l0} must be below "
+                f"n_latents={self.n_latents}"
+            )
         if not 0 <= self.batchtopk_momentum < 1:
             raise VisaeError(f"batchtopk_momentum={self.batchtopk_momentum} must be in [0, 1)")
         if self.matryoshka is not None:
-            if not topk_family:
-                raise VisaeError(
-                    f"matryoshka is implemented for {TOPK_FAMILY}, not arch={self.arch!r}"
-                )
+            _refuse_unused("matryoshka", self.arch)
             self.matryoshka_sizes()
-        if self.auxk and not topk_family:
-            raise VisaeError(f"auxk applies to {TOPK_FAMILY} only, not arch={self.arch!r}")
+        if self.auxk:
+            _refuse_unused("auxk", self.arch)
         _positive_int("k_aux", self.k_aux)
         _positive_int("dead_after_tokens", self.dead_after_tokens)
         if self.b_dec_init not in B_DEC_INITS:
@@ -102,8 +104,8 @@ class SAEConfig:
             raise VisaeError(
                 f"compute_dtype={self.compute_dtype!r} must be one of {COMPUTE_DTYPES}"
             )
-        if self.compute_dtype == "bfloat16" and not topk_family:
-            raise VisaeError(f"compute_dtype='bfloat16' is implemented for {TOPK_FAMILY} only")
+        if self.compute_dtype != "float32":
+            _refuse_unused("compute_dtype", self.arch, f"compute_dtype={self.compute_dtype!r}")
         if not isinstance(self.seed, int):
             raise VisaeError(f"seed={self.seed!r} must be an integer")
 
@@ -144,3 +146,15 @@ class SAEConfig:
 def _positive_int(name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise VisaeError(f"{name}={value!r} must be a positive integer")
+
+
+def architectures_using(option: str) -> tuple[str, ...]:
+    """The registered architectures that take `option` (a config field name)."""
+    return tuple(name for name in ARCHS.names() if option in ARCHS.get(name).uses)
+
+
+def _refuse_unused(option: str, arch: str, what: str | None = None) -> None:
+    if option not in ARCHS.get(arch).uses:
+        raise VisaeError(
+            f"{what or option} is implemented for {architectures_using(option)}, not arch={arch!r}"
+        )

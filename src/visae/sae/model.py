@@ -8,6 +8,7 @@ checkpoint can never be separated from the statistics it was trained with.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,9 +18,20 @@ import torch
 from torch import Tensor, nn
 
 from visae.errors import VisaeError
+from visae.sae.checkpoint import (
+    WEIGHTS_NAME,
+    CheckpointContents,
+    read_checkpoint,
+    write_checkpoint,
+)
 from visae.sae.config import SAEConfig
+from visae.sae.registry import ARCHS
 from visae.sae.sparse import SparseCodes, bag_sum
-from visae.sae.stats import as_tensor, geometric_median
+from visae.sae.stats import as_tensor, geometric_median, normalization_from_sample
+
+# Tokens per chunk when a whole sample is pushed through the encoder (init_from_sample): bounds
+# the [chunk, n_latents] pre-activations to ~100 MB at 6,144 latents.
+SAMPLE_CHUNK = 4096
 
 
 @dataclass
@@ -60,15 +72,19 @@ class SAE(nn.Module):
     Create with `SAE.create(cfg)` or `SAE.load(path_or_repo_id)`; the subclass is chosen by
     `cfg.arch`. Parameters: W_enc [n_latents, d] (rows are encoder directions), b_enc, W_dec
     [n_latents, d] (rows are dictionary atoms), b_dec [d].
+
+    A subclass that sets `arch` is registered under that name in `visae.sae.registry.ARCHS`
+    (a name already taken is refused); `uses` lists the `SAEConfig` fields it reads beyond the
+    common ones, which is what `SAEConfig.validate` checks options against.
     """
 
     arch: ClassVar[str] = ""
-    _registry: ClassVar[dict[str, type[SAE]]] = {}
+    uses: ClassVar[frozenset[str]] = frozenset()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.arch:
-            SAE._registry[cls.arch] = cls
+        if "arch" in cls.__dict__ and cls.arch:
+            ARCHS.register(cls.arch, cls)
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
@@ -94,7 +110,8 @@ class SAE(nn.Module):
     @staticmethod
     def create(cfg: SAEConfig) -> SAE:
         """A freshly initialised SAE of architecture `cfg.arch`."""
-        return SAE._registry[cfg.arch](cfg)
+        sae: SAE = ARCHS.get(cfg.arch)(cfg)
+        return sae
 
     @staticmethod
     def load(
@@ -105,14 +122,49 @@ class SAE(nn.Module):
         local_files_only: bool = False,
     ) -> SAE:
         """Load a checkpoint directory, or a Hugging Face hub repo holding one (when online)."""
-        from visae.sae.checkpoint import load_checkpoint
-
-        return load_checkpoint(
+        contents = read_checkpoint(
             path_or_repo_id,
             revision=revision,
             cache_dir=cache_dir,
             local_files_only=local_files_only,
         )
+        return SAE._from_contents(contents)
+
+    @staticmethod
+    def _from_contents(contents: CheckpointContents) -> SAE:
+        """Build the SAE a checkpoint describes, refusing tensors that do not fit it."""
+        cfg, tensors = contents.cfg, contents.tensors
+        weights_path = Path(contents.info.get("path", ".")) / WEIGHTS_NAME
+        sae = SAE.create(cfg)
+        expected = sae.state_dict()
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise VisaeError(
+                f"{weights_path} does not match a {cfg.arch} SAE: "
+                f"missing {missing}, unexpected {unexpected}"
+            )
+        for name, reference in expected.items():
+            tensor = tensors[name]
+            if tuple(tensor.shape) != tuple(reference.shape):
+                raise VisaeError(
+                    f"{weights_path}: {name} has shape {tuple(tensor.shape)} but config.json "
+                    f"says d={cfg.d}, n_latents={cfg.n_latents} "
+                    f"(expected {tuple(reference.shape)})"
+                )
+        sae.to(tensors["W_enc"].dtype)
+        sae.load_state_dict(tensors, strict=True)
+        if len(contents.norm_mean) != cfg.d:
+            raise VisaeError(
+                f"{weights_path.parent}: normalization mean has {len(contents.norm_mean)} "
+                f"values, expected d={cfg.d}"
+            )
+        sae.set_normalization(
+            torch.tensor(contents.norm_mean, dtype=sae.W_enc.dtype), contents.norm_scale
+        )
+        sae.tokens_seen.fill_(contents.tokens_seen)
+        sae.checkpoint_info = dict(contents.info)
+        return sae
 
     def save(
         self,
@@ -122,14 +174,23 @@ class SAE(nn.Module):
         layer: int | None = None,
         **metadata: Any,
     ) -> Path:
-        """Write `config.json` + `model.safetensors` into directory `path` (atomically per file).
+        """Write `config.json` + `model.safetensors` as directory `path`, swapped in whole.
 
         `store` is the activation store's identity and `layer` the layer trained on; any other
-        JSON-serialisable keyword lands under "metadata".
+        JSON-serialisable keyword lands under "metadata". A folder at `path` holding anything
+        but a checkpoint's files is refused.
         """
-        from visae.sae.checkpoint import save_checkpoint
-
-        return save_checkpoint(self, Path(path), store=store, layer=layer, metadata=metadata)
+        return write_checkpoint(
+            Path(path),
+            cfg=self.cfg,
+            tensors=dict(self.state_dict()),
+            norm_mean=self.norm_mean.tolist(),
+            norm_scale=float(self.norm_scale),
+            tokens_seen=int(self.tokens_seen),
+            store=store,
+            layer=layer,
+            metadata=metadata,
+        )
 
     # ----------------------------------------------------------------- normalisation, init
     @property
@@ -176,22 +237,52 @@ class SAE(nn.Module):
             center = geometric_median(x_norm.double())
         self.b_dec.copy_(center.to(self.b_dec.dtype))
 
+    @torch.no_grad()
+    def init_from_sample(self, sample: Tensor | np.ndarray) -> None:
+        """Every data-dependent initialisation, from raw activations [N, d] drawn uniformly
+        from the training tokens: the input normalisation, b_dec, then what the architecture
+        derives from the data (JumpReLU's thresholds, BatchTopK's inference threshold).
+
+        Call it once on a fresh SAE, before training; the sample may live on any device.
+        """
+        sample_t = as_tensor(sample, "initialisation sample")
+        if sample_t.shape[1] != self.d:
+            raise VisaeError(
+                f"initialisation sample must be [tokens, {self.d}], "
+                f"got shape {tuple(sample_t.shape)}"
+            )
+        self.set_normalization(*normalization_from_sample(sample_t))
+        self.init_b_dec(sample_t)
+        self._init_from_data(sample_t)
+
+    def _init_from_data(self, sample: Tensor) -> None:
+        """Architecture-specific initialisation from the raw sample, once the normalisation and
+        b_dec are set (nothing for the plain architectures)."""
+
+    def _sample_chunks(self, sample: Tensor) -> Iterator[Tensor]:
+        """The sample in normalised chunks of `SAMPLE_CHUNK` tokens, on the SAE's device."""
+        for start in range(0, sample.shape[0], SAMPLE_CHUNK):
+            yield self.normalize(sample[start : start + SAMPLE_CHUNK])
+
     # ----------------------------------------------------------------- the interface
     def encode(self, x: Tensor | np.ndarray) -> Tensor:
         """Raw activations [N, d] -> codes [N, n_latents], all >= 0 (inference rule)."""
         codes, values = self._encode_sparse_codes(self.normalize(x))
         return codes.to_dense(values)
 
-    def decode(self, codes: Tensor) -> Tensor:
-        """Codes [N, n_latents] -> raw-space reconstruction [N, d]."""
-        if codes.ndim != 2 or codes.shape[1] != self.n_latents:
+    def decode(self, codes: Tensor | np.ndarray) -> Tensor:
+        """Codes [N, n_latents] (on any device) -> raw-space reconstruction [N, d]."""
+        codes_t = torch.as_tensor(codes, device=self.W_dec.device)
+        if codes_t.ndim != 2 or codes_t.shape[1] != self.n_latents:
             raise VisaeError(
-                f"codes must be [tokens, {self.n_latents}], got shape {tuple(codes.shape)}"
+                f"codes must be [tokens, {self.n_latents}], got shape {tuple(codes_t.shape)}"
             )
-        return self.denormalize(codes.to(self.W_dec.dtype) @ self.W_dec + self.b_dec)
+        return self.denormalize(codes_t.to(self.W_dec.dtype) @ self.W_dec + self.b_dec)
 
-    def decode_sparse(self, values: Tensor, indices: Tensor) -> Tensor:
+    def decode_sparse(self, values: Tensor | np.ndarray, indices: Tensor | np.ndarray) -> Tensor:
         """Codes given as ([N, m] values, [N, m] latent indices) -> raw reconstruction [N, d]."""
+        values = torch.as_tensor(values, device=self.W_dec.device)
+        indices = torch.as_tensor(indices, device=self.W_dec.device)
         if values.shape != indices.shape or values.ndim != 2:
             raise VisaeError(
                 f"values {tuple(values.shape)} and indices {tuple(indices.shape)} "

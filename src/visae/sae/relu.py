@@ -26,15 +26,19 @@ class ReLUSAE(SAE):
     """
 
     arch = "relu"
+    uses = frozenset({"l1_coeff", "decoder_norm_l1"})
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
-        # With unit encoder rows about half of all latents fire at ~N(0, 1) on normalised
-        # input, and the reconstruction sum(codes * atoms) ~ (n_latents / 2d) x: scaling the
-        # encoder by 2d / n_latents starts the dense SAEs near x_hat = x instead of several
-        # times x (NMSE ~ (n/2d - 1)^2), which Adam's small steps take long to undo.
         with torch.no_grad():
-            self.W_enc.mul_(min(1.0, 2 * cfg.d / cfg.n_latents))
+            self.W_enc.mul_(self._initial_encoder_scale())
+
+    def _initial_encoder_scale(self) -> float:
+        """With unit encoder rows about half of all latents fire at ~N(0, 1) on normalised
+        input, and the reconstruction sum(codes * atoms) ~ (n_latents / 2d) x: scaling the
+        encoder by 2d / n_latents starts the dense SAE near x_hat = x instead of several times
+        x (NMSE ~ (n/2d - 1)^2), which Adam's small steps take long to undo."""
+        return min(1.0, 2 * self.d / self.n_latents)
 
     def _activate(self, pre: Tensor) -> Tensor:
         return torch.relu(pre)

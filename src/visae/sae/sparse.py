@@ -11,7 +11,9 @@ selected positions) do the work; two `torch.autograd.Function`s wire them into a
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -40,6 +42,10 @@ class SparseCodes:
     def nnz(self) -> int:
         return int(self.rows.numel())
 
+    def subset(self, keep: Tensor) -> SparseCodes:
+        """The entries at increasing positions `keep` (still grouped by row)."""
+        return SparseCodes(self.rows[keep], self.cols[keep], self.n_rows, self.n_cols)
+
     def col_order(self) -> tuple[Tensor, Tensor, Tensor]:
         """(permutation sorting the entries by column, column pointer [n_cols + 1], the rows
         in that order)."""
@@ -55,14 +61,44 @@ class SparseCodes:
         return dense.index_put((self.rows, self.cols), values)
 
 
+_PORTABLE_ONLY = False
+
+# Elements gathered per chunk by the portable sampled dot products: two [chunk, d] gathers of
+# at most 2^22 values (16 MB each in float32) whatever the batch.
+GATHER_CHUNK_ELEMENTS = 1 << 22
+
+
+@contextlib.contextmanager
+def portable_kernels() -> Iterator[None]:
+    """Use the device-independent kernels on CPU too, within the block.
+
+    Off the CPU they are always used; on CPU this lets the tests check them against the CPU
+    kernels and against dense references, which a machine without an accelerator could not
+    otherwise do.
+    """
+    global _PORTABLE_ONLY
+    previous, _PORTABLE_ONLY = _PORTABLE_ONLY, True
+    try:
+        yield
+    finally:
+        _PORTABLE_ONLY = previous
+
+
+def _cpu_kernels(t: Tensor) -> bool:
+    """True where the CPU-only kernels apply: CSR `sampled_addmm` (verified on CPU only, with
+    the unsorted column indices used here) and numpy's radix sort."""
+    return t.device.type == "cpu" and not _PORTABLE_ONLY
+
+
 def _stable_argsort(keys: Tensor, n_keys: int) -> Tensor:
     """Stable argsort of integer keys in [0, n_keys).
 
     On CPU with keys that fit int16, numpy's single-threaded radix sort (~1.5 ms for 131k keys):
     torch's parallel radix sort synchronises its threads several times per call, and each
-    barrier can wait a whole scheduler tick when other processes share the cores.
+    barrier can wait a whole scheduler tick when other processes share the cores. Elsewhere
+    torch's own stable sort, on the keys' device.
     """
-    if keys.device.type == "cpu" and n_keys <= np.iinfo(np.int16).max:
+    if _cpu_kernels(keys) and n_keys <= np.iinfo(np.int16).max:
         order = np.argsort(keys.numpy().astype(np.int16), kind="stable")
         return torch.from_numpy(order)
     return torch.argsort(keys, stable=True)
@@ -82,9 +118,16 @@ def bag_sum(table: Tensor, index: Tensor, ptr: Tensor, weights: Tensor) -> Tenso
 
 
 def sampled_dots(ptr: Tensor, cols: Tensor, left: Tensor, right: Tensor) -> Tensor:
-    """out[m] = <left[bag(m)], right[cols[m]]> for entries grouped into bags by `ptr`."""
+    """out[m] = <left[bag(m)], right[cols[m]]> for entries grouped into bags by `ptr`.
+
+    On CPU a sampled dense-dense product (`torch.sparse.sampled_addmm` on a CSR mask); on any
+    other device, or under `portable_kernels()`, gathered rows and row-wise dot products in
+    chunks of bounded size: plain indexing, correct by construction on every backend.
+    """
     if cols.numel() == 0:
         return left.new_zeros(0)
+    if not _cpu_kernels(left):
+        return _gathered_dots(ptr, cols, left, right)
     with warnings.catch_warnings():  # "CSR support is in beta": a one-time notice, not ours
         warnings.simplefilter("ignore", UserWarning)
         mask = torch.sparse_csr_tensor(
@@ -95,6 +138,18 @@ def sampled_dots(ptr: Tensor, cols: Tensor, left: Tensor, right: Tensor) -> Tens
             check_invariants=False,
         )
         return torch.sparse.sampled_addmm(mask, left, right.t(), beta=0.0).values()
+
+
+def _gathered_dots(ptr: Tensor, cols: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    nnz = cols.numel()
+    bags = torch.arange(ptr.numel() - 1, device=cols.device)
+    rows = torch.repeat_interleave(bags, ptr[1:] - ptr[:-1], output_size=nnz)
+    out = left.new_empty(nnz)
+    step = max(1, GATHER_CHUNK_ELEMENTS // max(1, left.shape[1]))
+    for start in range(0, nnz, step):
+        stop = min(start + step, nnz)
+        out[start:stop] = torch.linalg.vecdot(left[rows[start:stop]], right[cols[start:stop]])
+    return out
 
 
 def column_sums(codes: SparseCodes, grad: Tensor, table: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from visae.errors import VisaeError
 from visae.sae.config import SAEConfig
-from visae.sae.model import SAE, LossOutput, pad_rows
+from visae.sae.model import SAE, SAMPLE_CHUNK, LossOutput, pad_rows
 from visae.sae.sparse import (
     GatherPreacts,
     SparseCodes,
@@ -28,9 +28,14 @@ from visae.sae.sparse import (
     sampled_dots,
 )
 
+# Residual mean square under which AuxK leaves a token out (see `_TopKFamily._auxk_loss`).
+AUXK_MIN_RESIDUAL = 1e-12
+
 
 class _TopKFamily(SAE):
     """Shared machinery: pre-activations, exact code values, sparse decode, loss, AuxK."""
+
+    uses = frozenset({"k", "matryoshka", "auxk", "k_aux", "auxk_coeff", "compute_dtype"})
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
@@ -87,12 +92,13 @@ class _TopKFamily(SAE):
 
     def _code_values(
         self, x_norm: Tensor, codes: SparseCodes, selected: Tensor, bias: Tensor
-    ) -> Tensor:
-        """ReLU'd values at the codes' entries, in autograd (sparse backward).
+    ) -> tuple[SparseCodes, Tensor]:
+        """(codes, their ReLU'd values in autograd, with a sparse backward).
 
         In float32 the selected pre-activations are the values; after a bfloat16 selection they
         are recomputed exactly as per-entry dot products, so only the choice of latents sees
-        the lower precision.
+        the lower precision, and entries whose exact value is not positive are dropped (they
+        would decode to nothing but count in L0 and in the dead-latent counters).
         """
         if selected.dtype == self.W_enc.dtype:
             exact = selected
@@ -100,14 +106,18 @@ class _TopKFamily(SAE):
             with torch.no_grad():
                 exact = sampled_dots(codes.crow, codes.cols, x_norm, self.W_enc.detach())
                 exact += bias[codes.cols]
+                positive = exact > 0
+                if not bool(positive.all()):
+                    keep = positive.nonzero().squeeze(1)
+                    codes, exact = codes.subset(keep), exact[keep]
         values = GatherPreacts.apply(exact, x_norm, self.W_enc, self.b_enc, self.b_dec, codes)
-        return torch.relu(values)
+        return codes, torch.relu(values)
 
     def _encode_sparse_codes(self, x_norm: Tensor) -> tuple[SparseCodes, Tensor]:
         bias = self._effective_bias()
         pre = self._dense_preacts(x_norm, bias, reuse=False)
         codes, selected = self._select_infer(pre)
-        return codes, self._code_values(x_norm, codes, selected, bias)
+        return self._code_values(x_norm, codes, selected, bias)
 
     def _decode_codes(self, codes: SparseCodes, values: Tensor) -> Tensor:
         return decode_rows(values, self.W_dec, codes)
@@ -116,8 +126,7 @@ class _TopKFamily(SAE):
         cfg = self.cfg
         bias = self._effective_bias()
         pre = self._dense_preacts(x_norm, bias, reuse=True)
-        codes, selected = self._select_train(pre)
-        values = self._code_values(x_norm, codes, selected, bias)
+        codes, values = self._code_values(x_norm, *self._select_train(pre), bias)
         extra: dict[str, float] = {}
         sizes = cfg.matryoshka_sizes()
         if sizes:
@@ -149,20 +158,33 @@ class _TopKFamily(SAE):
         return {}
 
     def _auxk_loss(self, x_norm: Tensor, x_hat: Tensor, pre: Tensor, bias: Tensor) -> Tensor:
-        """Gao et al.'s AuxK: the top-k_aux dead latents reconstruct the residual x - x_hat
-        (the loss is that reconstruction's MSE over the residual's mean square)."""
+        """Gao et al.'s AuxK: the k_aux largest pre-activations of the dead latents (ReLU'd)
+        reconstruct each token's residual r = x - x_hat (detached, no b_dec).
+
+        The loss is their normalised MSE, per token then averaged: the mean over tokens of
+        mean_d (aux_recon - r)^2 / mean_d r^2. Unnormalised, the term would shrink with the
+        reconstruction error and stop reviving latents as training goes on. Tokens whose
+        residual mean square is below `AUXK_MIN_RESIDUAL` (reconstructed to rounding error, in
+        normalised units where a token's mean square is ~1) have nothing to explain and are
+        left out of the mean; 0 when no token is left.
+        """
         dead = self.dead_mask().nonzero().squeeze(1)
         if dead.numel() == 0:
             return x_hat.new_zeros(())
         k_aux = min(self.cfg.k_aux, int(dead.numel()))
         top = pre.index_select(1, dead).topk(k_aux, dim=1, sorted=False)
-        codes, selected = codes_from_topk(top.values, dead[top.indices], self.n_latents)
-        values = self._code_values(x_norm, codes, selected, bias)
+        codes, values = self._code_values(
+            x_norm, *codes_from_topk(top.values, dead[top.indices], self.n_latents), bias
+        )
         residual = (x_norm - x_hat).detach()
-        # normalised by the residual's mean square, as Gao et al.: unnormalised, the term
-        # shrinks with the reconstruction error and stops reviving latents as training goes on
-        scale = residual.square().mean().clamp_min(1e-12)
-        return F.mse_loss(decode_rows(values, self.W_dec, codes), residual) / scale
+        residual_ms = residual.square().mean(dim=1)
+        live = residual_ms > AUXK_MIN_RESIDUAL
+        n_live = int(live.sum())
+        if n_live == 0:
+            return x_hat.new_zeros(())
+        error_ms = (decode_rows(values, self.W_dec, codes) - residual).square().mean(dim=1)
+        weights = torch.where(live, 1.0 / residual_ms.clamp_min(AUXK_MIN_RESIDUAL), 0.0)
+        return (error_ms * weights).sum() / n_live
 
 
 class TopKSAE(_TopKFamily):
@@ -185,12 +207,15 @@ class TopKSAE(_TopKFamily):
 class BatchTopKSAE(_TopKFamily):
     """Keep the k * B largest positive pre-activations of the whole batch (Bussmann et al.).
 
-    Training learns a threshold, an EMA of the smallest kept activation per batch; inference
-    keeps every pre-activation above it, so a token's code does not depend on its batch. Until
-    the threshold has been learnt, inference falls back to the batch rule.
+    That batch rule is for training only. Inference keeps every pre-activation above a
+    threshold, so a token's code never depends on the other tokens of its batch: the threshold
+    is calibrated by `init_from_sample` (or `calibrate_threshold`) and followed during
+    training by an EMA of the smallest kept activation per batch. Encoding before it is set is
+    an error, not a silent fall-back to the batch rule.
     """
 
     arch = "batchtopk"
+    uses = _TopKFamily.uses | {"batchtopk_momentum"}
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
@@ -203,7 +228,10 @@ class BatchTopKSAE(_TopKFamily):
 
     def _select_infer(self, pre: Tensor) -> tuple[SparseCodes, Tensor]:
         if int(self.threshold_updates) == 0:
-            return self._select_train(pre)
+            raise VisaeError(
+                "this BatchTopK SAE has no inference threshold yet: call "
+                "sae.calibrate_threshold(batches) or sae.init_from_sample(sample) first"
+            )
         flat = pre.reshape(-1)
         flat_index = (flat > self.threshold.to(pre.dtype)).nonzero().squeeze(1)
         rows = torch.div(flat_index, self.n_latents, rounding_mode="floor")
@@ -222,6 +250,13 @@ class BatchTopKSAE(_TopKFamily):
             momentum = self.cfg.batchtopk_momentum
             self.threshold.mul_(momentum).add_((1 - momentum) * smallest)
         self.threshold_updates += 1
+
+    def _init_from_data(self, sample: Tensor) -> None:
+        """Calibrate the inference threshold on the sample, so that even the untrained SAE
+        encodes token by token (at ~k active latents per token on data like the sample)."""
+        self.calibrate_threshold(
+            sample[start : start + SAMPLE_CHUNK] for start in range(0, len(sample), SAMPLE_CHUNK)
+        )
 
     @torch.no_grad()
     def calibrate_threshold(self, batches: Iterable[Tensor | np.ndarray]) -> float:
