@@ -1,11 +1,12 @@
 """Analysis pass throughput vs the SAE's bare encode over the same tokens.
 
-Target (issue 5): the analysis pass runs at least at the SAE's encode speed, i.e. the
-statistics, streaming top-N lists, patch maps and per-patch codes add little over encoding.
-Baseline: `sae.encode` (dense codes, the SAE's public encode) over exactly the tokens the pass
-encodes (every patch token and the CLS token of every image), read from the same store in the
-same batches, in the same run. Also shown: `sae.encode_sparse`, the encoder call the pass
-itself uses, and the full `run_analysis` (pass + thumbnails + writing the artifact).
+Target (issue 5, made precise in issue 9): the analysis pass runs at least at the SAE's encode
+speed, i.e. the statistics, streaming top-N lists, patch maps and per-patch codes add little
+over encoding. Baseline: `sae.encode_sparse`, the encoder call the pass itself makes, over
+exactly the tokens the pass encodes (every patch token and the CLS token of every image, the
+SAE being trained on both), read from the same store in calls of the same size, in the same
+run. Also shown: `sae.encode` (dense codes), and the full `run_analysis` (pass + thumbnails +
+writing the artifact).
 
     .venv/bin/python benchmarks/bench_analysis.py            # prints and updates RESULTS.md
     .venv/bin/python benchmarks/bench_analysis.py --no-write --images 256
@@ -103,7 +104,10 @@ def main() -> int:
     sae.set_normalization(torch.zeros(args.d), 1.0)
     sae.eval()
     config = AnalysisConfig(
-        top_n=args.top_n, batch_images=args.batch_images, encode_tokens=args.encode_tokens
+        top_n=args.top_n,
+        batch_images=args.batch_images,
+        encode_tokens=args.encode_tokens,
+        tokens="all",
     )
     # the baseline encodes the same tokens in calls of (about) the same size
     batch_images = max(1, args.encode_tokens // (1 + args.grid * args.grid))
@@ -117,7 +121,9 @@ def main() -> int:
         for _ in range(args.repeats):
             runs["encode"].append(encode_all(sae, store, batch_images, sparse=False))
             runs["encode_sparse"].append(encode_all(sae, store, batch_images, sparse=True))
-            runs["pass"].append(stream_pass(sae, store, LAYER, config, progress=False).seconds)
+            runs["pass"].append(
+                stream_pass(sae, store, LAYER, config, tokens="all", progress=False).seconds
+            )
             out = Path(tmp) / "analysis"
             t0 = time.perf_counter()
             run_analysis(
@@ -135,20 +141,20 @@ def main() -> int:
 
     best = {k: min(v) for k, v in runs.items()}
     rate = {k: n_tokens / t for k, t in best.items()}
-    ratio = rate["pass"] / rate["encode"]
+    ratio = rate["pass"] / rate["encode_sparse"]
     verdict = "meets" if ratio >= 1.0 else "MISSES"
     lines = [
         f"store: {args.images} images x {1 + args.grid**2} tokens (CLS + {args.grid}x{args.grid} "
         f"patches) x d={args.d}, float16; SAE {args.arch} n_latents={args.latents} k={args.k}; "
         f"top_n={args.top_n}, {args.batch_images} images per step, "
         f"{args.encode_tokens} tokens per SAE call",
-        f"sae.encode (dense codes, baseline): {rate['encode'] / 1e3:8.1f} k tokens/s",
-        f"sae.encode_sparse:                  {rate['encode_sparse'] / 1e3:8.1f} k tokens/s",
+        f"sae.encode_sparse (baseline):       {rate['encode_sparse'] / 1e3:8.1f} k tokens/s",
+        f"sae.encode (dense codes):           {rate['encode'] / 1e3:8.1f} k tokens/s",
         f"analysis pass (stream_pass):        {rate['pass'] / 1e3:8.1f} k tokens/s",
         f"run_analysis (pass + thumbnails + artifact, {artifact_mb:.0f} MiB): "
         f"{rate['full'] / 1e3:8.1f} k tokens/s",
-        f"ratio pass / encode: {ratio:.2f}  ({verdict} the >= 1 target); "
-        f"pass / encode_sparse: {rate['pass'] / rate['encode_sparse']:.2f}",
+        f"ratio pass / encode_sparse: {ratio:.2f}  ({verdict} the >= 1 target); "
+        f"pass / encode: {rate['pass'] / rate['encode']:.2f}",
         "load average (1, 5, 15 min) at the end: " + ", ".join(f"{x:.1f}" for x in os.getloadavg()),
     ]
     print("\n".join(lines))

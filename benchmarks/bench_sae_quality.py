@@ -50,21 +50,17 @@ def sweep(d: int, n: int, dead_after: int) -> list[RunSpec]:
     for l1 in (0.003, 0.006, 0.012, 0.025):
         cfg = SAEConfig(arch="relu", d=d, n_latents=n, l1_coeff=l1, dead_after_tokens=dead_after)
         runs.append(RunSpec(f"relu-l1{l1:g}", cfg, 2e-3))
-    for threshold in (0.25, 0.5, 1.0, 2.0):
-        # Adam moves a log-threshold by at most ~lr per step: over this run's ~150 steps a
-        # threshold changes by at most ~e^0.3, so each run's L0 is set by its initial threshold
-        # (measured: L0 coefficients 0.003-0.1 from one init all ended at L0 62-64). The points
-        # of the curve therefore come from the init; the L0 coefficient is fixed.
+    for target in (8, 16, 32, 64):
+        # thresholds start from the data at the quantile giving this L0 (init_from_sample);
+        # the default L0 coefficient then keeps each run near its start
         cfg = SAEConfig(
             arch="jumprelu",
             d=d,
             n_latents=n,
-            l0_coeff=0.01,
-            jumprelu_threshold_init=threshold,
-            jumprelu_bandwidth=0.05,
+            jumprelu_target_l0=target,
             dead_after_tokens=dead_after,
         )
-        runs.append(RunSpec(f"jumprelu-t{threshold:g}", cfg, 2e-3))
+        runs.append(RunSpec(f"jumprelu-l0{target}", cfg, 2e-3))
     return runs
 
 
@@ -165,10 +161,9 @@ def main() -> int:
             "![NMSE vs L0](sae_quality.png)",
         ],
         after=[
-            "JumpReLU points differ by their initial threshold (0.25 to 2, L0 coefficient "
-            "0.01): in a run of ~150 Adam steps a log-threshold moves by at most ~0.3, so the "
-            "L0 coefficient alone barely moves L0 (the sweep of commit 8c76308, coefficients "
-            "0.003 to 0.1 from one init, ended at L0 61.6 to 64.0). The dead fractions of the "
+            "JumpReLU points differ by their target L0 (8 to 64): thresholds start at the "
+            "per-latent quantile of the pre-activations that gives it, and the default L0 "
+            "coefficient (1e-3) then trains on from there. The dead fractions of the "
             "TopK family with AuxK and of the k=8 control without it are in the table; "
             "docs/sae.md discusses them."
         ],

@@ -24,7 +24,7 @@ from visae.analysis import (
     run_analysis,
     stream_pass,
 )
-from visae.analysis.accumulate import SparseCodes
+from visae.analysis.accumulate import PatchCodes
 from visae.analysis.plots import (
     plot_frequency_histogram,
     plot_latent_histogram,
@@ -146,7 +146,8 @@ def make_pipeline(
         if dead:
             sae.b_enc[list(dead)] = -1e4
     sae.set_normalization(torch.zeros(d), 1.0)
-    sae_dir = sae.save(root / "sae", store=store.identity(), layer=LAYER)
+    tokens = "all" if n_cls else "patch"
+    sae_dir = sae.save(root / "sae", store=store.identity(), layer=LAYER, tokens=tokens)
     return Pipeline(store, sae_dir, SAE.load(sae_dir), images, meta)
 
 
@@ -204,7 +205,7 @@ def test_topn_and_stats_match_brute_force_with_ties(seed: int) -> None:
     while start < n_img:  # random batch sizes: the result must not depend on them
         stop = min(n_img, start + int(rng.integers(1, 9)))
         ids = torch.arange(start, stop)
-        sp = SparseCodes.from_dense(torch.from_numpy(codes[start:stop]))
+        sp = PatchCodes.from_dense(torch.from_numpy(codes[start:stop]))
         img_max = sp.per_image("amax")
         np.testing.assert_array_equal(img_max.numpy(), codes[start:stop].max(1))
         np.testing.assert_allclose(sp.per_image("sum").numpy(), codes[start:stop].sum(1))
@@ -245,7 +246,7 @@ def test_topn_and_stats_match_brute_force_with_ties(seed: int) -> None:
 
 def test_topn_refuses_out_of_order_images() -> None:
     top = TopN(3, 2, 2)
-    sp = SparseCodes.from_dense(torch.ones(2, 2, 3))
+    sp = PatchCodes.from_dense(torch.ones(2, 2, 3))
     top.update(torch.tensor([4, 5]), torch.ones(2, 3), sp)
     with pytest.raises(ValueError, match="increasing"):
         top.update(torch.tensor([5, 6]), torch.ones(2, 3), sp)
@@ -254,7 +255,7 @@ def test_topn_refuses_out_of_order_images() -> None:
 def test_strongest_per_patch_orders_by_value_then_latent() -> None:
     rng = np.random.default_rng(5)
     codes = rng.integers(0, 3, size=(4, 3, 9)).astype(np.float32)
-    sp = SparseCodes.from_dense(torch.from_numpy(codes))
+    sp = PatchCodes.from_dense(torch.from_numpy(codes))
     lats, vals = sp.strongest(torch.tensor([1, 3]), 4)
     assert lats.shape == (2, 3, 4)
     for m, i in enumerate([1, 3]):
@@ -455,7 +456,7 @@ def test_bad_inputs_raise_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(VisaeError, match="layer 5 is not in store"):
         run_analysis(p.sae, p.store, tmp_path / "b", layer=5, progress=False)
     wide = SAE.create(SAEConfig(arch="topk", d=32, n_latents=8, k=2))
-    with pytest.raises(VisaeError, match="width 32 does not match"):
+    with pytest.raises(VisaeError, match=r"SAE width d=32 does not match store .* width d=16"):
         run_analysis(wide, p.store, tmp_path / "b", layer=LAYER, progress=False)
     p.sae.checkpoint_info["store"] = {"weights_hash": "another-model"}
     with pytest.raises(VisaeError, match="another model"):
@@ -562,6 +563,29 @@ def test_plots(tmp_path: Path) -> None:
     (tmp_path / "broken.jsonl").write_text("{not json\n")
     with pytest.raises(VisaeError, match=r"broken\.jsonl:1"):
         read_training_logs([tmp_path / "broken.jsonl"])
+
+
+def test_statistics_count_only_the_token_kinds_the_sae_was_trained_on(tmp_path: Path) -> None:
+    p = make_pipeline(tmp_path, n_images=12, arch="relu")
+    patch, cls = reference_codes(p)
+    assert cls is not None and (cls > 0).any()
+    cfg = AnalysisConfig(top_n=3, sample_images=2)
+    patch_dir = p.sae.save(
+        tmp_path / "sae-patch", store=p.store.identity(), layer=LAYER, tokens="patch"
+    )
+    a = run_analysis(patch_dir, p.store, tmp_path / "patch", config=cfg, progress=False)
+    assert a.rankings == ["max", "mean"] and a.meta["tokens"] == "patch"
+    fire = (patch > 0).sum((0, 1))
+    assert (a.table["fire_cls"] == 0).all()
+    np.testing.assert_array_equal(a.table["dead"], (fire == 0).astype(int))
+    cls_dir = p.sae.save(tmp_path / "sae-cls", store=p.store.identity(), layer=LAYER, tokens="cls")
+    a = run_analysis(cls_dir, p.store, tmp_path / "cls", config=cfg, progress=False)
+    assert "cls" in a.rankings and a.meta["tokens"] == "cls"
+    np.testing.assert_array_equal(a.table["fire_cls"], (cls > 0).sum(0))
+    np.testing.assert_array_equal(a.table["dead"], ((cls > 0).sum(0) == 0).astype(int))
+    asked = AnalysisConfig(top_n=3, sample_images=2, tokens="all")
+    a = run_analysis(patch_dir, p.store, tmp_path / "all", config=asked, progress=False)
+    assert a.rankings == ["max", "mean", "cls"] and (a.table["fire_cls"] > 0).any()
 
 
 def test_cls_trained_sae_warns_that_patches_are_out_of_distribution(

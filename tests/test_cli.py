@@ -159,7 +159,7 @@ def test_unreadable_image_is_skipped_and_recorded(
 
 
 def test_train_analyze_view_export_chain(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The CLI steps of the demo wired end to end on four real photos and a small SAE."""
     store = tmp_path / "store"
@@ -185,9 +185,20 @@ def test_train_analyze_view_export_chain(
     assert code == 0 and "topk-n96-k4-lr0.003" in out
     assert (tmp_path / "runs" / "nmse_l0.png").stat().st_size > 1000
     sae = tmp_path / "runs" / "topk-n96-k4-lr0.003" / "sae"
-    # the photos' store sources are relative labels: without the dataset there are no pixels
-    msg = one_line_error(capsys, "analyze", str(sae), str(store), "--out", str(tmp_path / "an"))
-    assert "pass the dataset" in msg and not (tmp_path / "an").exists()
+    # the photos' store sources are relative labels; the store's recorded dataset spec
+    # (skimage#4) is what finds their pixels, from any working directory
+    msg = one_line_error(
+        capsys,
+        "analyze",
+        str(sae),
+        str(store),
+        "--out",
+        str(tmp_path / "x"),
+        "--dataset",
+        "skimage#3",
+    )
+    assert "is not the one store" in msg and not (tmp_path / "x").exists()
+    monkeypatch.chdir(tmp_path / "runs")
     code, out, _ = run(
         capsys,
         "analyze",
@@ -195,13 +206,13 @@ def test_train_analyze_view_export_chain(
         str(store),
         "--out",
         str(tmp_path / "an"),
-        "--dataset",
-        "skimage#4",
         "--top-n",
         "3",
         "--quiet",
     )
     assert code == 0 and "analysis of 96 latents" in out
+    code, out, _ = run(capsys, "eval-recon", str(sae), "--quiet")
+    assert code == 0 and "the images its trainer held out" in out
     code, out, _ = run(capsys, "view", str(tmp_path / "an"), "--export", str(tmp_path / "web"))
     assert code == 0 and (tmp_path / "web" / "index.html").is_file()
     assert len(list((tmp_path / "web" / "data" / "a0" / "latent").iterdir())) == 96

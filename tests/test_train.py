@@ -17,11 +17,22 @@ import numpy as np
 import pytest
 import torch
 
+import visae.train.trainer as trainer_module
 from visae.cli import main
 from visae.errors import VisaeError
 from visae.sae import SAE, SAEConfig
 from visae.store import LayerSpec, StoreSpec, StoreWriter
-from visae.train import RunSpec, SweepEntry, TrainConfig, evaluate, expand_runs, train
+from visae.train import (
+    RunSpec,
+    SweepEntry,
+    TrainConfig,
+    Trainer,
+    eval_recon,
+    evaluate,
+    expand_runs,
+    heldout_from_record,
+    train,
+)
 from visae.train.schedule import lr_factor, sparsity_factor
 
 D, N_ATOMS, GRID = 32, 64, 4  # 16 patch tokens + 1 CLS per image
@@ -142,7 +153,12 @@ cfg = TrainConfig(store=store, out=out, batch_size=128, total_tokens=128 * 150,
                   holdout_fraction=0.1, prefetch=2)
 runs = [RunSpec("topk", SAEConfig(arch="topk", d=32, n_latents=64, k=3), 3e-3),
         RunSpec("batchtopk", SAEConfig(arch="batchtopk", d=32, n_latents=64, k=3), 3e-3),
-        RunSpec("relu", SAEConfig(arch="relu", d=32, n_latents=64, l1_coeff=1e-3), 1e-3)]
+        RunSpec("relu", SAEConfig(arch="relu", d=32, n_latents=64, l1_coeff=1e-3), 1e-3),
+        RunSpec("jumprelu", SAEConfig(arch="jumprelu", d=32, n_latents=64), 1e-3),
+        RunSpec("matryoshka", SAEConfig(arch="batchtopk", d=32, n_latents=64, k=3,
+                                        matryoshka=(0.25, 0.5, 1.0)), 3e-3),
+        RunSpec("bf16", SAEConfig(arch="topk", d=32, n_latents=64, k=3,
+                                  compute_dtype="bfloat16"), 3e-3)]
 train(cfg, runs, progress=False)
 """
 
@@ -169,7 +185,7 @@ def test_killed_and_resumed_run_gives_the_same_weights(store: Path, tmp_path: Pa
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert 0 < state["step"] < 150 and not (out / "summary.json").exists()
     run_to_end(out)
-    for name in ("topk", "batchtopk", "relu"):
+    for name in ("topk", "batchtopk", "relu", "jumprelu", "matryoshka", "bf16"):
         a, b = SAE.load(tmp_path / "ref" / name / "sae"), SAE.load(out / name / "sae")
         for key, t in a.state_dict().items():
             assert torch.equal(t, b.state_dict()[key]), (name, key)
@@ -327,3 +343,122 @@ lr = 0.003
     )
     text = capsys.readouterr().out
     assert "nmse" in text and "l0                 4.000" in text
+
+
+def id_store(path: Path, n_images: int = 120, shard_images: int = 20) -> None:
+    """A store whose every token carries its image id in dimension 0 (exact in float32), so
+    a batch says which images it came from."""
+    rng = np.random.default_rng(3)
+    layout = {"n_cls": 1, "n_registers": 0, "grid": [GRID, GRID]}
+    spec = StoreSpec(
+        backbone={"name": "toy", "weights_hash": "h", "preprocessing": {}},
+        dataset={"name": "ids", "fingerprint": "ids"},
+        layers=[LayerSpec(0, D, layout)],
+        dtype="float32",
+        tokens="all",
+        shard_images=shard_images,
+    )
+    with StoreWriter(path, spec) as w:
+        for lo in range(0, n_images, shard_images):
+            acts = rng.standard_normal((shard_images, GRID * GRID + 1, D)).astype(np.float32)
+            acts[:, :, 0] = np.arange(lo, lo + shard_images)[:, None]
+            w.append_shard({0: acts}, [{"source": f"img{lo + i}"} for i in range(shard_images)])
+        w.finish()
+
+
+def test_heldout_images_are_recorded_and_never_trained_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    id_store(tmp_path / "s")
+    seen: set[int] = set()
+    original = SAE.train_step
+
+    def recording(self: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, **kw: object):
+        seen.update(int(i) for i in x[:, 0].tolist())
+        return original(self, opt, x, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(SAE, "train_step", recording)
+    cfg = small_cfg(tmp_path / "s", tmp_path / "o", total_tokens=None, holdout_fraction=0.2)
+    finals = train(cfg, [topk_run()], progress=False)
+    sae = SAE.load(finals["topk"])
+    held = heldout_from_record(sae.checkpoint_info["metadata"]["holdout"])
+    assert len(held) == 24 and not seen & set(held.tolist())
+    assert seen == set(range(120)) - set(held.tolist())  # one epoch: every training image
+    # eval-recon defaults to exactly those images, and says so
+    monkeypatch.undo()
+    assert main(["eval-recon", str(finals["topk"]), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "images    24 (the images its trainer held out)" in out
+    assert main(["eval-recon", str(finals["topk"]), "--images", "all", "--quiet"]) == 0
+    assert "120 (all images, including the SAE's training images)" in capsys.readouterr().out
+    id_store(tmp_path / "other", n_images=40)
+    assert main(["eval-recon", str(finals["topk"]), str(tmp_path / "other"), "--quiet"]) == 0
+    assert "40 (all images; the store is not the one" in capsys.readouterr().out
+    with pytest.raises(VisaeError, match="not the store the SAE was trained on"):
+        eval_recon(finals["topk"], tmp_path / "other", images="heldout", progress=False)
+
+
+def test_samples_are_uniform_over_the_store_and_eval_comes_from_heldout(tmp_path: Path) -> None:
+    id_store(tmp_path / "s", n_images=200)
+    trainer = Trainer(
+        small_cfg(tmp_path / "s", tmp_path / "o", norm_sample_tokens=2000, eval_tokens=300),
+        [topk_run()],
+        progress=False,
+    )
+    ids = trainer._norm_sample()[:, 0].astype(int)
+    assert len(ids) == 2000 and set(ids) <= set(trainer.train_images.tolist())
+    # every tenth of the store (10 shards) gets its share of the sample: chi-square, 9 dof
+    counts = np.bincount(ids // 20, minlength=10)
+    share = np.bincount(trainer.train_images // 20, minlength=10) / len(trainer.train_images)
+    expected = share * len(ids)
+    assert ((counts - expected) ** 2 / expected).sum() < 27.9  # p = 0.001
+    eval_ids = trainer._eval_tokens()[:, 0].astype(int)
+    assert len(eval_ids) == 300 and set(eval_ids) <= set(trainer.eval_images.tolist())
+
+
+def test_multi_epoch_run_takes_every_step_at_a_positive_rate(tmp_path: Path) -> None:
+    id_store(tmp_path / "s", n_images=100)
+    epoch = 90 * 16  # 10 images held out; 1440 tokens = 5 batches of 256 and one of 160
+    cfg = small_cfg(tmp_path / "s", tmp_path / "o", total_tokens=epoch * 2 + 300, lr_decay="linear")
+    trainer = Trainer(cfg, [topk_run()], progress=False)
+    assert trainer.total_steps == 2 * 6 + 2
+    lrs = []
+    original = lr_factor
+
+    def spy(step: int, total: int, *rest: object) -> float:
+        lrs.append(original(step, total, *rest))  # type: ignore[arg-type]
+        return lrs[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer_module, "lr_factor", spy)
+        finals = trainer.run()
+    assert len(lrs) == 14 and min(lrs) > 0
+    meta = SAE.load(finals["topk"]).checkpoint_info["metadata"]
+    assert meta["train_step"] == meta["total_steps"] == 14
+    assert meta["train_tokens"] == epoch * 2 + 300
+
+
+def test_dead_window_scales_with_the_run_and_auxk_acts(store: Path, tmp_path: Path) -> None:
+    # 512 latents for 64 atoms at k=3: most latents never win, so some die within the run
+    run = RunSpec("wide", SAEConfig(arch="topk", d=D, n_latents=512, k=3), 1e-2)
+    finals = train(small_cfg(store, tmp_path / "o"), [run], progress=False)
+    sae = SAE.load(finals["wide"])
+    assert sae.cfg.dead_after_tokens == 2048  # a tenth of the 20480-token run
+    log = read_log(tmp_path / "o" / "wide" / "metrics.jsonl")
+    assert max(r["auxk"] for r in log if r["kind"] == "train") > 0
+    assert max(r["train_dead_fraction"] for r in log if r["kind"] == "eval") > 0
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["wide"]["dead_after_tokens"] == 2048
+
+
+def test_batchtopk_calibrated_l0_is_within_ten_percent_of_k(store: Path, tmp_path: Path) -> None:
+    run = RunSpec("b", SAEConfig(arch="batchtopk", d=D, n_latents=2 * N_ATOMS, k=4), 1e-2)
+    finals = train(small_cfg(store, tmp_path / "o"), [run], progress=False)
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["b"]["l0"] == pytest.approx(4, rel=0.1)
+    assert SAE.load(finals["b"]).threshold > 0
+
+
+def test_n_latents_and_expansion_together_are_refused() -> None:
+    with pytest.raises(VisaeError, match="n_latents or as expansion, not both"):
+        expand_runs([SweepEntry({"arch": "topk", "n_latents": 64, "expansion": 2})], d=D)

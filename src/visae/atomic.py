@@ -228,6 +228,18 @@ def atomic_directory(out: str | os.PathLike[str]) -> Iterator[Path]:
             fsync_tree(tmp)
             _swap_in(tmp, out)
         except OSError as exc:
-            raise write_error(exc, exc.filename or out) from None
+            where = Path(exc.filename) if exc.filename else out
+            raise write_error(exc, _destination(where, tmp, out)) from None
+        except VisaeError as exc:
+            # a file written inside the folder names its temporary path: name the real one
+            raise VisaeError(str(exc).replace(str(tmp), str(out))) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _destination(path: Path, tmp: Path, out: Path) -> Path:
+    """Where a file being built in `tmp` will live once the folder is swapped in."""
+    try:
+        return out / path.relative_to(tmp)
+    except ValueError:
+        return path

@@ -34,8 +34,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _cmd_extract(args: argparse.Namespace) -> int:
     from visae.backbones import load_backbone
     from visae.data import load_dataset
+    from visae.devices import resolve_device
     from visae.store import extract
 
+    resolve_device(args.device)
     dataset = load_dataset(args.dataset, progress=not args.quiet)
     backbone = load_backbone(args.model, device=args.device)
     layers = _split(args.layers, int, "--layers") or [backbone.n_layers - 2]
@@ -46,6 +48,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         layers=layers,
         tokens=args.tokens,
         dtype=args.dtype,
+        autocast=args.autocast,
         batch_size=args.batch_size,
         device=args.device,
         on_unreadable=args.on_unreadable,
@@ -58,7 +61,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     from visae.store import ActivationStore
 
-    store = ActivationStore.open(args.store, verify=not args.no_verify, allow_incomplete=True)
+    verify = False if args.no_verify else (True if args.verify else "cached")
+    store = ActivationStore.open(args.store, verify=verify, allow_incomplete=True)
     print(store.summary())
     return 0
 
@@ -86,6 +90,7 @@ SWEEP_FLAGS: dict[str, Callable[[str], Any]] = {
     "lr": float,
     "l1_coeff": float,
     "l0_coeff": float,
+    "jumprelu_target_l0": int,
     "compute_dtype": str,
     "b_dec_init": str,
 }
@@ -99,6 +104,8 @@ TRAIN_FLAGS = (
     "sparsity_warmup_steps",
     "eval_every_tokens",
     "checkpoint_every_tokens",
+    "dead_window_fraction",
+    "device",
     "seed",
 )
 
@@ -148,47 +155,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_recon(args: argparse.Namespace) -> int:
-    import numpy as np
-    from tqdm.auto import tqdm
+    from visae.train import eval_recon
 
-    from visae.sae import SAE
-    from visae.store import ActivationStore
-    from visae.train import evaluate, resolve_layer
-
-    sae = SAE.load(args.sae)
-    info = sae.checkpoint_info
-    store = ActivationStore.open(args.store, progress=not args.quiet)
-    layer = resolve_layer(store, args.layer if args.layer is not None else info.get("layer"))
-    tokens = args.tokens or info["metadata"].get("tokens", "patch")
-    if store.d(layer) != sae.d:
-        raise VisaeError(
-            f"SAE width d={sae.d} does not match the store's d={store.d(layer)} at layer {layer}"
-        )
-    n_images = min(args.max_images or store.n_images, store.n_images)
-    ordered = store.ordered(layer, tokens, 32, images=np.arange(n_images))
-    bar = tqdm(
-        ordered, total=-(-n_images // 32), desc="eval-recon", unit="batch", disable=args.quiet
+    report = eval_recon(
+        args.sae,
+        args.store,
+        layer=args.layer,
+        tokens=args.tokens,
+        images=args.images,
+        max_images=args.max_images,
+        device=args.device,
+        progress=not args.quiet,
     )
-    metrics = evaluate(sae, (acts.reshape(-1, acts.shape[-1]) for _, acts in bar))
-    print(f"sae     {args.sae}\nstore   {args.store}  layer {layer}, {tokens} tokens")
-    for key, value in metrics.items():
-        print(f"{key:<18} {value:.3f}" if isinstance(value, float) else f"{key:<18} {value}")
+    print(report.summary())
     return 0
-
-
-def _dataset_for(store: Any, spec: str | None, progress: bool) -> Any:
-    """The images behind a store: `spec` when given, else the store's own dataset name when
-    it is a loadable spec with the same fingerprint (e.g. the default scenes), else None
-    (thumbnails then come from the file paths recorded in the store)."""
-    from visae.data import load_dataset
-
-    if spec:
-        return load_dataset(spec, progress=progress)
-    try:
-        dataset = load_dataset(store.dataset["name"], progress=progress)
-    except VisaeError:
-        return None
-    return dataset if dataset.fingerprint == store.dataset["fingerprint"] else None
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
@@ -201,6 +181,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         sample_images=args.sample_images,
         patch_codes_k=args.patch_codes_k,
         thumb_size=args.thumb_size,
+        tokens=args.tokens,
     )
     sae = SAE.load(args.sae)
     store = ActivationStore.open(args.store, progress=not args.quiet)
@@ -209,7 +190,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         store,
         args.out,
         layer=args.layer,
-        dataset=_dataset_for(store, args.dataset, not args.quiet),
+        dataset=args.dataset,
         config=config,
         name=args.name,
         device=args.device,
@@ -306,6 +287,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from visae.sae import ARCHITECTURES
+
     parser = argparse.ArgumentParser(
         prog="visae",
         description="Understand vision models with sparse autoencoders: "
@@ -358,7 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
-    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--autocast",
+        choices=["bf16", "fp16"],
+        help="run the backbone under torch.autocast in this precision (recorded in the store; "
+        "pays on GPUs and CPUs with native bf16/fp16 math)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument(
         "--on-unreadable",
         choices=["skip", "fail"],
@@ -370,7 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="summarise an activation store")
     p.add_argument("store")
-    p.add_argument("--no-verify", action="store_true", help="skip checksum verification")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="re-hash every file (default: only files changed since they were last verified)",
+    )
+    p.add_argument("--no-verify", action="store_true", help="check file sizes only")
     p.set_defaults(handler=_cmd_info)
     p = sub.add_parser(
         "train",
@@ -382,13 +376,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", nargs="?", help="activation store (or `store` in --config)")
     p.add_argument("--out", required=True, help="output folder: a subfolder per run")
     p.add_argument("--config", help="sweep file (TOML or JSON)")
-    p.add_argument("--arch", help="relu, topk, batchtopk, jumprelu (default topk)")
+    p.add_argument("--arch", help=f"{', '.join(ARCHITECTURES)} (default topk)")
     p.add_argument("--k", help="active latents per token (TopK family)")
     p.add_argument("--n-latents", help="dictionary size (default: 16 x d)")
     p.add_argument("--expansion", help="dictionary size as a multiple of d")
     p.add_argument("--lr", help="learning rate (default: 2e-4 / sqrt(n_latents / 2^14))")
     p.add_argument("--l1-coeff", help="L1 coefficient (relu)")
     p.add_argument("--l0-coeff", help="L0 coefficient (jumprelu)")
+    p.add_argument(
+        "--jumprelu-target-l0",
+        help="JumpReLU: the L0 its thresholds start at, set from the data (default 32)",
+    )
     p.add_argument("--matryoshka", help="nested prefix fractions, e.g. 1/16,1/8,1/4,9/16,1")
     p.add_argument("--compute-dtype", help="float32 or bfloat16 (TopK family encoder matmul)")
     p.add_argument("--b-dec-init", help="mean or geometric_median")
@@ -405,20 +403,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity-warmup-steps", type=int)
     p.add_argument("--eval-every-tokens", type=int)
     p.add_argument("--checkpoint-every-tokens", type=int)
+    p.add_argument(
+        "--dead-window-fraction",
+        type=float,
+        help="a latent is dead after this fraction of the run without firing (default 0.1, "
+        "capped at 10M tokens)",
+    )
+    p.add_argument("--device", help="cpu (default), cuda, cuda:N or mps")
     p.add_argument("--seed", type=int)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_train)
 
-    p = sub.add_parser("eval-recon", help="reconstruction metrics of an SAE on a store")
+    p = sub.add_parser(
+        "eval-recon",
+        help="reconstruction metrics of an SAE (by default on its trainer's held-out images)",
+    )
     p.add_argument("sae", help="SAE checkpoint folder (or hub repo id)")
-    p.add_argument("store")
+    p.add_argument("store", nargs="?", help="activation store (default: the SAE's own)")
     p.add_argument("--layer", type=int, help="default: the layer the SAE was trained on")
     p.add_argument(
         "--tokens",
         choices=["patch", "cls", "all"],
         help="default: the tokens the SAE was trained on",
     )
-    p.add_argument("--max-images", type=int, help="evaluate on the first N images only")
+    p.add_argument(
+        "--images",
+        choices=["auto", "heldout", "all"],
+        default="auto",
+        help="auto (default): the held-out images on the SAE's own store, all on another",
+    )
+    p.add_argument("--max-images", type=int, help="evaluate on the first N images of the set")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_eval_recon)
     p = sub.add_parser("analyze", help="per-latent statistics, top images and patch maps of an SAE")
@@ -436,8 +451,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--patch-codes-k", type=int, default=16, help="latents kept per patch")
     p.add_argument("--thumb-size", type=int, default=160, help="thumbnail side in pixels")
+    p.add_argument(
+        "--tokens",
+        choices=["patch", "cls", "all"],
+        help="token kinds whose firing the statistics count (default: those the SAE was "
+        "trained on)",
+    )
     p.add_argument("--name", help="display name (default: from the SAE and store)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--overwrite", action="store_true", help="replace an existing analysis")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_analyze)

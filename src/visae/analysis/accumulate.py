@@ -5,8 +5,10 @@ the number of latents, N and the patch grid only, never on the number of images:
 of a store of any size runs in bounded memory.
 
 SAE codes are sparse: a batch arrives as each token's (value, latent) list, as
-`SAE.encode_sparse` returns it (`SparseCodes`), and every statistic, ranking score, patch map
-and per-patch list is computed from those entries; no dense `[tokens, latents]` matrix is made.
+`SAE.encode_sparse` returns it (`PatchCodes`; not `visae.sae.sparse.SparseCodes`, which groups
+a training batch's entries for the SAE's kernels), and every statistic, ranking score, patch
+map and per-patch list is computed from those entries; no dense `[tokens, latents]` matrix is
+made.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class HistogramSpec:
         return {"lo": self.lo, "hi": self.hi, "bins_per_decade": self.bins_per_decade}
 
 
-class SparseCodes:
+class PatchCodes:
     """The positive codes of a batch of images, in two views: per token, the `[tokens, m]`
     (values, latents) rows that `SAE.encode_sparse` returns (value 0 = padding), and the
     same entries flattened to parallel 1-D tensors (`image` = position in the batch, `patch`,
@@ -78,7 +80,7 @@ class SparseCodes:
         self.key = self.image * n_latents + self.latent
 
     @classmethod
-    def from_dense(cls, codes_BPL: torch.Tensor) -> SparseCodes:
+    def from_dense(cls, codes_BPL: torch.Tensor) -> PatchCodes:
         """From dense `[images, patches, latents]` codes (as `SAE.encode` returns them)."""
         b, p, n_lat = codes_BPL.shape
         flat = codes_BPL.reshape(b * p, n_lat)
@@ -170,7 +172,7 @@ class TopN:
         self._last_image = -1
 
     def update(
-        self, image_ids: torch.Tensor, scores_BL: torch.Tensor, codes: SparseCodes
+        self, image_ids: torch.Tensor, scores_BL: torch.Tensor, codes: PatchCodes
     ) -> torch.Tensor:
         """Merge one batch: `scores_BL` ranks the batch's images; `codes` gives their maps.
 
@@ -248,7 +250,7 @@ class LatentStats:
         self.hist = torch.zeros((n_latents, hist.n_bins), dtype=torch.long, device=device)
 
     def update(
-        self, codes: SparseCodes, img_max_BL: torch.Tensor, cls_BL: torch.Tensor | None
+        self, codes: PatchCodes, img_max_BL: torch.Tensor, cls_BL: torch.Tensor | None
     ) -> None:
         """Add one batch, given its sparse codes and per-image max over patches."""
         n_lat, nb = self.n_latents, self.hist_spec.n_bins

@@ -20,13 +20,15 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import visae.analysis.artifact as fmt
 from visae import __version__
-from visae.analysis import artifact as fmt
-from visae.analysis.accumulate import HistogramSpec, LatentStats, SparseCodes, TopN, top_rows
+from visae.analysis.accumulate import HistogramSpec, LatentStats, PatchCodes, TopN, top_rows
 from visae.analysis.artifact import Analysis
 from visae.analysis.thumbs import image_loader, make_thumbnail
 from visae.atomic import atomic_directory
+from visae.devices import resolve_device
 from visae.errors import VisaeError
+from visae.pairing import resolve_pair
 
 if TYPE_CHECKING:
     from visae.data.base import ImageDataset
@@ -44,7 +46,9 @@ ImageCodes = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
 class AnalysisConfig:
     """Knobs of the pass; every one is recorded in the artifact.
 
-    `top_n` images per latent and ranking; `sample_images` images picked (seeded) for browsing
+    `top_n` images per latent and ranking; `tokens` the kinds whose firing defines the
+    statistics ("patch", "cls" or "all"; None: those the SAE was trained on; patch tokens are
+    always encoded for the maps); `sample_images` images picked (seeded) for browsing
     beside the top images; `patch_codes_k` strongest latents kept per patch of every stored
     image; `batch_images` images per bookkeeping step (larger steps merge the top lists less
     often, and most early entrants never get written); `encode_tokens` tokens per SAE call
@@ -52,6 +56,7 @@ class AnalysisConfig:
     """
 
     top_n: int = 16
+    tokens: str | None = None
     sample_images: int = 200
     patch_codes_k: int = 16
     thumb_size: int = 160
@@ -66,6 +71,8 @@ class AnalysisConfig:
                 raise VisaeError(f"analysis {name} must be at least 1, got {getattr(self, name)}")
         if self.sample_images < 0:
             raise VisaeError(f"analysis sample_images must be >= 0, got {self.sample_images}")
+        if self.tokens not in (None, "patch", "cls", "all"):
+            raise VisaeError(f"analysis tokens must be patch, cls or all, not {self.tokens!r}")
 
 
 @dataclass
@@ -77,28 +84,7 @@ class PassResult:
     codes: dict[int, ImageCodes]
     sample: np.ndarray
     seconds: float
-
-
-def sae_layer(sae: SAE) -> int | None:
-    """The store layer an SAE was trained on, as its checkpoint records it (None if not)."""
-    layer = sae.checkpoint_info.get("layer")
-    return None if layer is None else int(layer)
-
-
-def check_sae_store(sae: SAE, store: ActivationStore, layer: int) -> None:
-    """Refuse an SAE trained on another model's activations or of another width."""
-    trained_on = sae.checkpoint_info.get("store") or {}
-    want, have = trained_on.get("weights_hash"), store.backbone.get("weights_hash")
-    if want and have and want != have:
-        raise VisaeError(
-            f"the SAE was trained on activations of another model (weights {str(want)[:12]}) "
-            f"than store {store.path} holds ({str(have)[:12]})"
-        )
-    if sae.cfg.d != store.d(layer):
-        raise VisaeError(
-            f"SAE input width {sae.cfg.d} does not match store {store.path} layer {layer} "
-            f"width {store.d(layer)}"
-        )
+    tokens: str
 
 
 def stream_pass(
@@ -107,23 +93,25 @@ def stream_pass(
     layer: int,
     config: AnalysisConfig,
     *,
+    tokens: str = "patch",
     device: str = "cpu",
     progress: bool = True,
 ) -> PassResult:
-    """Encode every image's patch tokens (and CLS token, if stored) once, in image order, and
-    accumulate statistics, top-N lists with maps, and the sparse per-patch codes of the images
-    that end up in some top list or in the sample."""
+    """Encode every image's patch tokens (and its CLS token when `tokens` is "cls" or "all")
+    once, in image order, and accumulate statistics, top-N lists with maps, and the sparse
+    per-patch codes of the images that end up in some top list or in the sample."""
     layout = store.layout(layer)
     n_patches = layout.n_patches
     if n_patches == 0:
         raise VisaeError(f"store {store.path} layer {layer} has no patch tokens to analyse")
-    check_sae_store(sae, store, layer)
+    if tokens in ("cls", "all") and layout.n_cls == 0:
+        raise VisaeError(f"store {store.path} layer {layer} holds no CLS token to analyse")
     d = store.d(layer)
     n_latents = int(sae.cfg.n_latents)
     patch_pos = store.token_positions(layer, "patch")
     patch_sl = slice(int(patch_pos[0]), int(patch_pos[-1]) + 1)
-    cls_pos = int(store.token_positions(layer, "cls")[0]) if layout.n_cls > 0 else None
-    with_cls = cls_pos is not None
+    with_cls = tokens in ("cls", "all")
+    cls_pos = int(store.token_positions(layer, "cls")[0]) if with_cls else 0
     k = min(config.patch_codes_k, n_latents)
     n_images = store.n_images
     rng = np.random.default_rng(config.seed)
@@ -154,7 +142,7 @@ def stream_pass(
             vals, lats = _encode(sae, x, config.encode_tokens)
             with _bookkeeping_threads(device):
                 n_tok = b * n_patches
-                sparse = SparseCodes(vals[:n_tok], lats[:n_tok], b, n_latents)
+                sparse = PatchCodes(vals[:n_tok], lats[:n_tok], b, n_latents)
                 cls_rows = cls_BL = None
                 if with_cls:
                     cls_rows = (vals[n_tok:].float(), lats[n_tok:].long())
@@ -184,7 +172,7 @@ def stream_pass(
             f"store {store.path} layer {layer} yielded {stats.n_images} images, "
             f"its manifest says {n_images}"
         )
-    return PassResult(stats, tops, codes, sample, time.perf_counter() - start)
+    return PassResult(stats, tops, codes, sample, time.perf_counter() - start, tokens)
 
 
 @contextlib.contextmanager
@@ -218,7 +206,7 @@ def _retain(
     codes: dict[int, ImageCodes],
     keep: set[int],
     ids_np: np.ndarray,
-    sparse: SparseCodes,
+    sparse: PatchCodes,
     cls_rows: tuple[torch.Tensor, torch.Tensor] | None,
     k: int,
 ) -> None:
@@ -259,7 +247,7 @@ def run_analysis(
     out: str | os.PathLike[str],
     *,
     layer: int | None = None,
-    dataset: ImageDataset | None = None,
+    dataset: ImageDataset | str | None = None,
     config: AnalysisConfig | None = None,
     name: str | None = None,
     device: str = "cpu",
@@ -269,8 +257,9 @@ def run_analysis(
     """Analyse `sae` over `store` and write the artifact directory `out`.
 
     `layer` defaults to the layer recorded in the SAE's metadata (or the store's only layer).
-    Thumbnails are rendered from `dataset` when given, else from the image files named by the
-    store's per-image `source`. The directory appears only when complete.
+    Thumbnails are rendered from `dataset` (a dataset or a spec) when given, else from the
+    dataset spec the store records (see `visae.store.open_dataset`). The directory appears
+    only when complete.
     """
     from visae.sae import SAE
     from visae.store import ActivationStore
@@ -281,37 +270,30 @@ def run_analysis(
         sae_path = str(Path(sae).resolve())
         sae = SAE.load(sae)
     if not isinstance(store, ActivationStore):
-        store = ActivationStore.open(store, verify=True)
+        store = ActivationStore.open(store)
     out = Path(out)
     if out.exists() and not overwrite:
         raise VisaeError(f"analysis output {out} exists (pass overwrite=True / --overwrite)")
-    layer = _pick_layer(sae, store, layer)
-    check_sae_store(sae, store, layer)
+    layer, trained = resolve_pair(sae, store, layer)
+    tokens = config.tokens or trained
     identity = store.identity()
-    if dataset is not None:
-        fp = identity.get("dataset_fingerprint")
-        if fp and fp != dataset.fingerprint:
-            raise VisaeError(
-                f"dataset {dataset.name} (fingerprint {dataset.fingerprint[:12]}) is not the one "
-                f"store {store.path} was extracted from ({str(fp)[:12]})"
-            )
-        extracted = store.n_images + len(store.skipped)
-        if len(dataset) != extracted:
-            raise VisaeError(
-                f"dataset {dataset.name} has {len(dataset)} images; store {store.path} was "
-                f"extracted from {extracted}"
-            )
+    dataset = _images_of(store, dataset, progress)
     metadata = store.metadata()
     load_image = image_loader(metadata, dataset)
     if metadata:
         load_image(0)  # fail before the pass, not after it, when images cannot be found
+    device = str(resolve_device(device))
     sae = sae.to(device).eval()
-    if (sae.checkpoint_info.get("metadata") or {}).get("tokens") == "cls":
+    if tokens == "cls":
         logger.warning(
-            "this SAE was trained on CLS tokens; the analysis also encodes patch tokens, "
-            "which it never saw in training"
+            "this SAE was trained on CLS tokens: its statistics count CLS firing only; the "
+            "patch maps come from encoding patch tokens, which it never saw in training"
         )
-    result = stream_pass(sae, store, layer, config, device=device, progress=progress)
+    elif tokens != trained:
+        logger.warning(
+            "analysing %s tokens of an SAE trained on %s tokens (as asked)", tokens, trained
+        )
+    result = stream_pass(sae, store, layer, config, tokens=tokens, device=device, progress=progress)
 
     with atomic_directory(out) as tmp:
         _write(
@@ -331,20 +313,35 @@ def run_analysis(
     return Analysis.load(out)
 
 
-def _pick_layer(sae: SAE, store: ActivationStore, layer: int | None) -> int:
-    from_sae = sae_layer(sae)
-    if layer is None:
-        layer = from_sae
-    if layer is None:
-        if len(store.layers) != 1:
-            raise VisaeError(
-                f"the SAE does not record its layer and store {store.path} has layers "
-                f"{store.layers}; pass layer= (--layer)"
-            )
-        layer = store.layers[0]
-    if layer not in store.layers:
-        raise VisaeError(f"layer {layer} is not in store {store.path} (layers {store.layers})")
-    return int(layer)
+def _images_of(
+    store: ActivationStore, dataset: ImageDataset | str | None, progress: bool
+) -> ImageDataset | None:
+    """The images behind the store, checked to be the ones it was extracted from: `dataset`
+    (an object or a spec), else the spec the store records. None only for an old store that
+    records no spec and whose name opens nothing: thumbnails then come from the file paths
+    in its per-image metadata."""
+    from visae.store import open_dataset
+
+    if dataset is None or isinstance(dataset, str):
+        try:
+            return open_dataset(store, dataset, progress=progress)
+        except VisaeError:
+            if dataset or store.dataset_spec:
+                raise
+            return None
+    fp = store.dataset["fingerprint"]
+    if fp and fp != dataset.fingerprint:
+        raise VisaeError(
+            f"dataset {dataset.name} (fingerprint {dataset.fingerprint[:12]}) is not the one "
+            f"store {store.path} was extracted from ({str(fp)[:12]})"
+        )
+    extracted = store.n_images + len(store.skipped)
+    if len(dataset) != extracted:
+        raise VisaeError(
+            f"dataset {dataset.name} has {len(dataset)} images; store {store.path} was "
+            f"extracted from {extracted}"
+        )
+    return dataset
 
 
 def _write(
@@ -421,7 +418,7 @@ def _write(
     labels = {int(i): list(metadata[int(i)].get("labels") or []) for i in stored}
     base_counts = Counter(lab for m in metadata for lab in set(m.get("labels") or []))
     base_rate = {lab: c / max(len(metadata), 1) for lab, c in base_counts.items()}
-    table = _latent_table(stats, tops, labels, base_rate)
+    table = _latent_table(stats, tops, labels, base_rate, result.tokens)
     fmt.write_table(root / fmt.LATENTS_FILE, table)
 
     preprocessing = dict(store.backbone.get("preprocessing") or {})
@@ -463,6 +460,7 @@ def _write(
         "grid": [h, w],
         "n_images": stats.n_images,
         "n_patch_tokens": stats.n_patch_tokens,
+        "tokens": result.tokens,
         "rankings": list(tops),
         "top_n": config.top_n,
         "histogram": config.histogram.to_dict(),
@@ -489,6 +487,7 @@ def _latent_table(
     tops: dict[str, TopN],
     labels: dict[int, list[str]],
     base_rate: dict[str, float],
+    tokens: str,
 ) -> dict[str, np.ndarray | list[Any]]:
     n_lat = stats.n_latents
     fire_patch = stats.fire_patch.cpu().numpy()
@@ -504,6 +503,10 @@ def _latent_table(
         max_cls = stats.max_cls.cpu().numpy().astype(np.float64)
     else:
         freq_cls = mean_cls = max_cls = nan
+    # dead: never fired on the token kinds the statistics count
+    dead = {"patch": fire_patch == 0, "cls": fire_cls == 0}.get(
+        tokens, (fire_patch == 0) & (fire_cls == 0)
+    )
     top_label, top_frac, top_base = [], np.full(n_lat, np.nan), np.full(n_lat, np.nan)
     max_images = tops["max"].images.cpu().numpy()
     for j in range(n_lat):
@@ -524,7 +527,7 @@ def _latent_table(
             top_label.append("")
     return {
         "latent": np.arange(n_lat),
-        "dead": ((fire_patch == 0) & (fire_cls == 0)).astype(np.int64),
+        "dead": dead.astype(np.int64),
         "freq_patch": fire_patch / max(stats.n_patch_tokens, 1),
         "freq_image": fire_image / max(stats.n_images, 1),
         "freq_cls": freq_cls,

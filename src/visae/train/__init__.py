@@ -10,17 +10,22 @@ from visae.train.config import (
     load_sweep_file,
 )
 from visae.train.metrics import evaluate
-from visae.train.trainer import Trainer, resolve_layer, train
+from visae.train.recon import ReconReport, eval_recon
+from visae.train.trainer import Trainer, heldout_from_record, resolve_layer, split_images, train
 
 __all__ = [
+    "ReconReport",
     "RunSpec",
     "SweepEntry",
     "TrainConfig",
     "Trainer",
     "default_lr",
+    "eval_recon",
     "evaluate",
     "expand_runs",
+    "heldout_from_record",
     "load_sweep_file",
     "resolve_layer",
+    "split_images",
     "train",
 ]

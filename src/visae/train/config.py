@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from visae.errors import VisaeError
-from visae.sae import SAEConfig
+from visae.sae import ARCHS, SAEConfig
 from visae.train.schedule import LR_DECAYS
 
 BEYOND_EPOCH = ("continue", "stop")
@@ -39,7 +39,11 @@ class TrainConfig:
     eval_tokens: int = 65_536
     checkpoint_every_tokens: int = 5_000_000
     norm_sample_tokens: int = 65_536
+    # a latent is dead after this fraction of the run without firing, capped by each SAE's
+    # own dead_after_tokens (Gao et al.'s 10M tokens): dead tracking and AuxK act in short runs
+    dead_window_fraction: float = 0.1
     prefetch: int = 2
+    device: str = "cpu"
     seed: int = 0
 
     def validate(self) -> None:
@@ -70,6 +74,10 @@ class TrainConfig:
             raise VisaeError(f"holdout_fraction must be in [0, 1), not {self.holdout_fraction}")
         if self.lr_warmup_steps < 0 or self.sparsity_warmup_steps < 0:
             raise VisaeError("warm-up step counts must be >= 0")
+        if not 0 < self.dead_window_fraction <= 1:
+            raise VisaeError(
+                f"dead_window_fraction must be in (0, 1], not {self.dead_window_fraction}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -113,8 +121,13 @@ class SweepEntry:
             name = chosen.pop("name", None)
             lr = chosen.pop("lr", None)
             expansion = chosen.pop("expansion", None)
+            if expansion is not None and "n_latents" in chosen:
+                raise VisaeError(
+                    "give the dictionary size as n_latents or as expansion, not both "
+                    f"(n_latents={chosen['n_latents']}, expansion={expansion})"
+                )
             if "n_latents" not in chosen:
-                chosen["n_latents"] = int(d * (expansion or 16))
+                chosen["n_latents"] = round(d * (expansion or 16))
             if "d" in chosen and chosen["d"] != d:
                 raise VisaeError(f"SAE width d={chosen['d']} does not match the store's d={d}")
             chosen["d"] = d
@@ -129,12 +142,13 @@ def run_name(cfg: SAEConfig, lr: float | None) -> str:
     if cfg.matryoshka:
         parts.append("matryoshka")
     parts.append(f"n{cfg.n_latents}")
-    if cfg.arch in ("topk", "batchtopk"):
+    uses = ARCHS.get(cfg.arch).uses
+    if "k" in uses:
         parts.append(f"k{cfg.k}")
-    elif cfg.arch == "relu":
+    elif "l1_coeff" in uses:
         parts.append(f"l1{cfg.l1_coeff:g}")
     else:
-        parts.append(f"l0{cfg.l0_coeff:g}")
+        parts.append(f"l0{cfg.l0_coeff:g}-t{cfg.jumprelu_target_l0}")
     if lr is not None:
         parts.append(f"lr{lr:g}")
     if cfg.compute_dtype != "float32":

@@ -37,16 +37,19 @@ class ReconAccumulator:
         self.fired = np.zeros(self.n_latents, np.int64)
 
     def add(self, x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor) -> None:
-        x64, r64 = x.double(), (x.double() - x_hat.double())
+        """One batch, on any device: reduced there (in float64 where the device has it), and
+        only the `[d]` and `[n_latents]` sums come back to the CPU."""
+        wide = torch.float32 if x.device.type == "mps" else torch.float64
+        x64, r64 = x.to(wide), x.to(wide) - x_hat.to(wide)
         self.n += x.shape[0]
         self.sse += float((r64 * r64).sum())
-        self.sum_x += x64.sum(0).numpy()
-        self.sum_x2 += (x64 * x64).sum(0).numpy()
-        self.sum_r += r64.sum(0).numpy()
+        self.sum_x += x64.sum(0).cpu().double().numpy()
+        self.sum_x2 += (x64 * x64).sum(0).cpu().double().numpy()
+        self.sum_r += r64.sum(0).cpu().double().numpy()
         active = codes > 0
         self.nnz += int(active.sum())
-        self.fired += active.sum(0).numpy()
-        cos = torch.nn.functional.cosine_similarity(x64, x_hat.double(), dim=1, eps=1e-12)
+        self.fired += active.sum(0).cpu().numpy()
+        cos = torch.nn.functional.cosine_similarity(x64, x_hat.to(wide), dim=1, eps=1e-12)
         self.cos_sum += float(cos.sum())
 
     def result(self) -> dict[str, float]:
@@ -77,7 +80,7 @@ def evaluate(sae: SAE, batches: Iterable[np.ndarray]) -> dict[str, float]:
     sae.eval()
     try:
         for batch in batches:
-            x = torch.as_tensor(batch, dtype=torch.float32)
+            x = torch.as_tensor(batch, dtype=torch.float32, device=sae.W_dec.device)
             if x.ndim != 2 or x.shape[1] != sae.d:
                 raise VisaeError(
                     f"SAE width d={sae.d} does not match activations of shape {tuple(x.shape)}"

@@ -5,21 +5,20 @@ safetensors, scalars to JSON."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
+from visae.atomic import atomic_directory, recover_directory, write_bytes, write_text
 from visae.errors import VisaeError
 from visae.sae import SAE
 
 CHECKPOINT = "checkpoint"
-_NEW = ".checkpoint-new"
-_OLD = ".checkpoint-old"
 STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
 
 
 def optimizer_tensors(sae: SAE, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -48,33 +47,19 @@ def save_training_checkpoint(
     sae_metadata: dict[str, Any],
 ) -> None:
     """Write `out/checkpoint` for every run at the same step; a crash at any moment leaves
-    either the previous checkpoint or this one, never a mix."""
-    new, old, final = out / _NEW, out / _OLD, out / CHECKPOINT
-    shutil.rmtree(new, ignore_errors=True)
-    new.mkdir(parents=True)
-    for name, (sae, opt) in runs.items():
-        sae.save(new / name / "sae", **sae_metadata)
-        save_file(optimizer_tensors(sae, opt), str(new / name / "optimizer.safetensors"))
-    (new / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
-    _fsync_tree(new)
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    new.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    either the previous checkpoint or this one, never a mix (see `visae.atomic`)."""
+    with atomic_directory(out / CHECKPOINT) as new:
+        for name, (sae, opt) in runs.items():
+            sae.save(new / name / "sae", **sae_metadata)
+            write_bytes(new / name / OPTIMIZER_FILE, save(optimizer_tensors(sae, opt)))
+        write_text(new / STATE_FILE, json.dumps(state, indent=2, sort_keys=True))
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    """The complete checkpoint folder, recovering from a crash between the two renames."""
-    shutil.rmtree(out / _NEW, ignore_errors=True)
-    final, old = out / CHECKPOINT, out / _OLD
-    if final.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-        return final
-    if old.is_dir():
-        old.rename(final)
-        return final
-    return None
+    """The complete checkpoint folder, if any (repairing what a kill mid-swap left)."""
+    final = out / CHECKPOINT
+    recover_directory(final)
+    return final if final.is_dir() else None
 
 
 def load_training_checkpoint(
@@ -89,18 +74,9 @@ def load_training_checkpoint(
     for name in names:
         if not (ckpt / name).is_dir():
             raise VisaeError(f"training checkpoint {ckpt} has no run {name!r}")
-        runs[name] = (
-            SAE.load(ckpt / name / "sae"),
-            load_file(str(ckpt / name / "optimizer.safetensors")),
-        )
+        try:
+            tensors = load_file(str(ckpt / name / OPTIMIZER_FILE))
+        except (OSError, SafetensorError) as exc:
+            raise VisaeError(f"cannot read {ckpt / name / OPTIMIZER_FILE}: {exc}") from None
+        runs[name] = (SAE.load(ckpt / name / "sae"), tensors)
     return state, runs
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _dirs, files in os.walk(root):
-        for f in files:
-            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)

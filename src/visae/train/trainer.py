@@ -7,6 +7,8 @@ so a killed run resumes to the same weights as one that never stopped.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -19,8 +21,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from visae.atomic import append_line, read_lines, write_error, write_text
+from visae.devices import resolve_device
 from visae.errors import VisaeError
-from visae.sae import SAE, BatchTopKSAE, normalization_from_sample
+from visae.sae import SAE, BatchTopKSAE
 from visae.store import ActivationStore
 from visae.store.format import shard_file
 from visae.train.config import RunSpec, TrainConfig
@@ -39,6 +43,7 @@ logger = logging.getLogger("visae.train")
 LOG_EVERY_STEPS = 10
 CONFIG_FILE = "train_config.json"
 SUMMARY_FILE = "summary.json"
+METRICS_FILE = "metrics.jsonl"
 
 
 def resolve_layer(store: ActivationStore, layer: int | None) -> int:
@@ -50,31 +55,24 @@ def resolve_layer(store: ActivationStore, layer: int | None) -> int:
     return layer
 
 
-def check_finite_manifest(store: ActivationStore, layer: int) -> None:
-    """Refuse a store whose writer recorded NaN/inf, naming the shard file and image."""
+def find_nonfinite(store: ActivationStore, layer: int, tokens: str, scan: bool) -> str | None:
+    """Where `layer` of the store holds NaN/inf, as "shard file, image i (source)": from the
+    writer's records, else (with `scan`) from reading the chosen tokens; None if nowhere."""
     for i, shard in enumerate(store.manifest["shards"]):
         for bad in shard.get("nonfinite", []):
             if bad["layer"] == layer:
-                raise VisaeError(
-                    f"store {store.path}: {shard_file(layer, i)} holds NaN/inf activations "
-                    f"of image {bad['image']} ({bad.get('source', '?')})"
-                )
-
-
-def locate_nonfinite(store: ActivationStore, layer: int, tokens: str) -> str:
-    """Where a non-finite batch came from: the first shard file and image holding NaN/inf."""
+                return f"{shard_file(layer, i)}, image {bad['image']} ({bad.get('source', '?')})"
+    if not scan:
+        return None
+    starts = np.cumsum([s["images"] for s in store.manifest["shards"]])
     for ids, acts in store.ordered(layer, tokens=tokens, batch_images=16):
         bad = ~np.isfinite(acts).all(axis=(1, 2))
         if bad.any():
             image = int(ids[bad.argmax()])
-            shard = int(
-                np.searchsorted(
-                    np.cumsum([s["images"] for s in store.manifest["shards"]]), image, side="right"
-                )
-            )
+            shard = int(np.searchsorted(starts, image, side="right"))
             source = store.metadata()[image].get("source", "?")
             return f"{shard_file(layer, shard)}, image {image} ({source})"
-    return "an unknown shard"
+    return None
 
 
 def split_images(
@@ -88,12 +86,48 @@ def split_images(
     return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
 
 
+def holdout_record(n_images: int, fraction: float, seed: int) -> dict[str, Any]:
+    """How the held-out images were chosen, as a checkpoint records it: the rule's inputs and
+    a digest of the resulting ids, so that evaluation can re-derive and check them."""
+    _, held = split_images(n_images, fraction, seed)
+    return {
+        "rule": "visae.train.split_images",
+        "n_images": n_images,
+        "fraction": fraction,
+        "seed": seed,
+        "n_heldout": len(held),
+        "sha256": _ids_digest(held),
+    }
+
+
+def heldout_from_record(record: dict[str, Any]) -> np.ndarray:
+    """The held-out image ids a checkpoint's `holdout` record describes (checked)."""
+    _, held = split_images(int(record["n_images"]), float(record["fraction"]), int(record["seed"]))
+    if _ids_digest(held) != record["sha256"]:
+        raise VisaeError(
+            "cannot reproduce the SAE's held-out images from its checkpoint record "
+            f"(seed {record['seed']}, fraction {record['fraction']}): the split rule differs"
+        )
+    return held
+
+
+def _ids_digest(ids: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(ids, dtype="<i8").tobytes()).hexdigest()
+
+
+def steps_for(total_tokens: int, epoch_tokens: int, batch_size: int) -> int:
+    """Optimizer steps to consume `total_tokens`: each epoch ends with its own short batch."""
+    full_epochs, rest = divmod(total_tokens, epoch_tokens)
+    return full_epochs * math.ceil(epoch_tokens / batch_size) + math.ceil(rest / batch_size)
+
+
 class Trainer:
     """Fits every `RunSpec` to the store named in `TrainConfig`; see `train()`."""
 
     def __init__(self, cfg: TrainConfig, runs: list[RunSpec], progress: bool = True) -> None:
         cfg.validate()
-        self.cfg, self.runs, self.progress = cfg, runs, progress
+        self.cfg, self.progress = cfg, progress
+        self.device = resolve_device(cfg.device)
         self.store = ActivationStore.open(cfg.store, progress=progress)
         self.layer = resolve_layer(self.store, cfg.layer)
         d = self.store.d(self.layer)
@@ -103,13 +137,16 @@ class Trainer:
                     f"run {run.name}: SAE width d={run.sae.d} does not match the store's "
                     f"d={d} at layer {self.layer}"
                 )
-        check_finite_manifest(self.store, self.layer)
+        bad = find_nonfinite(self.store, self.layer, cfg.tokens, scan=False)
+        if bad:
+            raise VisaeError(f"store {self.store.path}: NaN/inf activations in {bad}")
         per_image = len(self.store.token_positions(self.layer, cfg.tokens))
         if self.store.n_images == 0 or per_image == 0:
             raise VisaeError(f"store {self.store.path} holds no {cfg.tokens} tokens to train on")
         self.train_images, self.eval_images = split_images(
             self.store.n_images, cfg.holdout_fraction, cfg.seed
         )
+        self.holdout = holdout_record(self.store.n_images, cfg.holdout_fraction, cfg.seed)
         self.epoch_tokens = len(self.train_images) * per_image
         wanted = cfg.total_tokens or self.epoch_tokens
         if wanted > self.epoch_tokens and cfg.beyond_epoch == "stop":
@@ -129,24 +166,48 @@ class Trainer:
                 self.epoch_tokens,
             )
         self.total_tokens = wanted
-        self.total_steps = math.ceil(wanted / cfg.batch_size)
+        self.total_steps = steps_for(wanted, self.epoch_tokens, cfg.batch_size)
         # A warm-up longer than the run would keep the full L1/L0 penalty (or learning rate)
         # from ever reaching the loss: cap both at a tenth of the run.
         self.lr_warmup = min(cfg.lr_warmup_steps, self.total_steps // 10)
         self.sparsity_warmup = min(cfg.sparsity_warmup_steps, self.total_steps // 10)
+        self.runs = [self._scaled_dead_window(run) for run in runs]
         self.out = Path(cfg.out)
+
+    def _scaled_dead_window(self, run: RunSpec) -> RunSpec:
+        """The run with its dead-latent window scaled to the run's length: a fraction of the
+        total tokens (at least a batch), capped by the SAE's own `dead_after_tokens`."""
+        scaled = max(self.cfg.batch_size, round(self.cfg.dead_window_fraction * self.total_tokens))
+        window = min(run.sae.dead_after_tokens, scaled)
+        if window != run.sae.dead_after_tokens:
+            logger.info(
+                "run %s: a latent counts as dead after %d tokens without firing "
+                "(%.0f%% of the run; cap %d)",
+                run.name,
+                window,
+                100 * self.cfg.dead_window_fraction,
+                run.sae.dead_after_tokens,
+            )
+        return dataclasses.replace(run, sae=dataclasses.replace(run.sae, dead_after_tokens=window))
 
     # -- set-up -----------------------------------------------------------------------------
 
     def _describe(self) -> dict[str, Any]:
+        train = self.cfg.to_dict() | {"layer": self.layer}
+        train.pop("device")  # where it runs does not change what it computes
         return {
-            "train": self.cfg.to_dict() | {"layer": self.layer},
+            "train": train,
             "runs": [r.to_dict() for r in self.runs],
             "store": {k: v for k, v in self.store.identity().items() if k != "path"},
+            "holdout": self.holdout,
+            "total_steps": self.total_steps,
         }
 
     def _prepare_out(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(exc, self.out) from None
         path = self.out / CONFIG_FILE
         desc = json.dumps(self._describe(), indent=2, sort_keys=True)
         if path.exists() and path.read_text() != desc:
@@ -154,10 +215,10 @@ class Trainer:
                 f"{self.out} holds a different training run ({CONFIG_FILE} differs); "
                 "choose another --out or delete it"
             )
-        path.write_text(desc)
+        write_text(path, desc)
 
-    def _stream(self, epoch: int, skip: int) -> Iterator[np.ndarray]:
-        batches = self.store.shuffled(
+    def _stream(self, epoch: int, start_batch: int) -> Iterator[np.ndarray]:
+        return self.store.shuffled(
             self.layer,
             self.cfg.tokens,
             batch_size=self.cfg.batch_size,
@@ -165,59 +226,35 @@ class Trainer:
             epoch=epoch,
             prefetch=self.cfg.prefetch,
             images=self.train_images,
+            start_batch=start_batch,
         )
-        for i, batch in enumerate(batches):
-            if i >= skip:
-                yield batch
+
+    def _sample(self, n: int, images: np.ndarray, salt: int) -> np.ndarray:
+        """A seeded uniform draw of `n` tokens over `images` (bounded memory), checked finite."""
+        sample = self.store.sample_tokens(
+            self.layer, self.cfg.tokens, n, seed=self.cfg.seed + salt, images=images
+        )
+        if not np.isfinite(sample).all():
+            where = find_nonfinite(self.store, self.layer, self.cfg.tokens, scan=True)
+            raise VisaeError(f"store {self.store.path}: NaN/inf activations in {where}")
+        return sample
 
     def _norm_sample(self) -> np.ndarray:
-        """Tokens for the input statistics and b_dec: a seeded draw from the training images."""
-        parts, n = [], 0
-        batches = self.store.shuffled(
-            self.layer,
-            self.cfg.tokens,
-            batch_size=min(self.cfg.norm_sample_tokens, 8192),
-            seed=self.cfg.seed + 1,
-            prefetch=0,
-            images=self.train_images,
-        )
-        for batch in batches:
-            parts.append(batch)
-            n += len(batch)
-            if n >= self.cfg.norm_sample_tokens:
-                break
-        sample = np.concatenate(parts)[: self.cfg.norm_sample_tokens]
-        if not np.isfinite(sample).all():
-            raise VisaeError(
-                f"store {self.store.path}: non-finite activations in "
-                f"{locate_nonfinite(self.store, self.layer, self.cfg.tokens)}"
-            )
-        return sample
+        """Tokens for the input statistics, b_dec and data-driven initialisation."""
+        return self._sample(self.cfg.norm_sample_tokens, self.train_images, salt=1)
 
     def _eval_tokens(self) -> np.ndarray:
         """Held-out tokens (from images never trained on), at most `eval_tokens` of them."""
-        images = self.eval_images if len(self.eval_images) else self.train_images
         if not len(self.eval_images):
             logger.warning("no held-out images (holdout_fraction=0): evaluating on training data")
-        parts = [
-            acts.reshape(-1, acts.shape[-1])
-            for _, acts in self.store.ordered(self.layer, self.cfg.tokens, 64, images=images)
-        ]
-        tokens = np.concatenate(parts)
-        if len(tokens) > self.cfg.eval_tokens:
-            pick = np.random.default_rng([self.cfg.seed, 11]).choice(
-                len(tokens), self.cfg.eval_tokens, replace=False
-            )
-            tokens = tokens[np.sort(pick)]
-        return tokens
+            return self._sample(self.cfg.eval_tokens, self.train_images, salt=11)
+        return self._sample(self.cfg.eval_tokens, self.eval_images, salt=11)
 
     def _fresh(self, sample: np.ndarray) -> dict[str, tuple[SAE, torch.optim.Optimizer]]:
-        mean, scale = normalization_from_sample(sample)
         models = {}
         for run in self.runs:
-            sae = SAE.create(run.sae)
-            sae.set_normalization(mean, scale)
-            sae.init_b_dec(sample)
+            sae = SAE.create(run.sae).to(self.device)
+            sae.init_from_sample(sample)
             models[run.name] = (sae, torch.optim.Adam(sae.parameters(), lr=run.lr))
         return models
 
@@ -235,18 +272,21 @@ class Trainer:
             models = self._fresh(self._norm_sample())
             state = {"step": 0, "tokens": 0, "epoch": 0, "batch_in_epoch": 0}
             for name in names:
-                (self.out / name).mkdir(exist_ok=True)
-                (self.out / name / "metrics.jsonl").write_text("")
+                try:
+                    (self.out / name).mkdir(exist_ok=True)
+                except OSError as exc:
+                    raise write_error(exc, self.out / name) from None
+                write_text(self.out / name / METRICS_FILE, "")
         else:
             state, loaded = load_training_checkpoint(ckpt, names)
             models = {}
             for run in self.runs:
                 sae, opt_tensors = loaded[run.name]
-                sae.train()
+                sae.to(self.device).train()
                 opt = torch.optim.Adam(sae.parameters(), lr=run.lr)
                 load_optimizer_tensors(sae, opt, opt_tensors)
                 models[run.name] = (sae, opt)
-                _truncate_log(self.out / run.name / "metrics.jsonl", state["step"])
+                _truncate_log(self.out / run.name / METRICS_FILE, state["step"])
             logger.info(
                 "resuming %s at step %d (%d tokens)", self.out, state["step"], state["tokens"]
             )
@@ -254,7 +294,7 @@ class Trainer:
         for sae, _ in models.values():
             sae.train()
         self._loop(models, state, eval_x)
-        return self._finish(models, eval_x)
+        return self._finish(models, state)
 
     def _sae_metadata(self, state: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -262,6 +302,9 @@ class Trainer:
             "layer": self.layer,
             "tokens": self.cfg.tokens,
             "train_step": state["step"],
+            "train_tokens": state["tokens"],
+            "total_steps": self.total_steps,
+            "holdout": self.holdout,
         }
 
     def _loop(
@@ -292,11 +335,9 @@ class Trainer:
                     continue
                 batch = batch[: self.total_tokens - state["tokens"]]
                 if not np.isfinite(batch).all():
-                    raise VisaeError(
-                        f"store {self.store.path}: non-finite activations in "
-                        f"{locate_nonfinite(self.store, self.layer, cfg.tokens)}"
-                    )
-                x = torch.from_numpy(batch)
+                    where = find_nonfinite(self.store, self.layer, cfg.tokens, scan=True)
+                    raise VisaeError(f"store {self.store.path}: NaN/inf activations in {where}")
+                x = torch.from_numpy(batch).to(self.device)
                 step = state["step"]
                 factor = lr_factor(
                     step, self.total_steps, self.lr_warmup, cfg.lr_decay, cfg.lr_decay_start
@@ -321,17 +362,15 @@ class Trainer:
                 done = state["tokens"] >= self.total_tokens
                 if state["step"] % LOG_EVERY_STEPS == 0 or done:
                     for name, out in logs.items():
-                        _append(
-                            self.out / name / "metrics.jsonl",
-                            {
-                                "kind": "train",
-                                "step": state["step"],
-                                "tokens": state["tokens"],
-                                "lr": lrs[name] * factor,
-                                "sparsity_scale": sparsity,
-                                **out.metrics(),
-                            },
-                        )
+                        record = {
+                            "kind": "train",
+                            "step": state["step"],
+                            "tokens": state["tokens"],
+                            "lr": lrs[name] * factor,
+                            "sparsity_scale": sparsity,
+                            **out.metrics(),
+                        }
+                        append_line(self.out / name / METRICS_FILE, _json_line(record))
                     m = logs[first]
                     bar.set_postfix_str(
                         f"nmse {m.nmse:.3f} L0 {m.l0:.1f} dead {m.dead_fraction:.1%}"
@@ -369,15 +408,12 @@ class Trainer:
             metrics = evaluate(sae, batches)
             metrics["eval_tokens"] = metrics.pop("tokens")
             metrics["train_dead_fraction"] = float(sae.dead_mask().float().mean())
-            _append(
-                self.out / name / "metrics.jsonl",
-                {"kind": "eval", "step": state["step"], "tokens": state["tokens"], **metrics},
-            )
+            record = {"kind": "eval", "step": state["step"], "tokens": state["tokens"], **metrics}
+            append_line(self.out / name / METRICS_FILE, _json_line(record))
 
     def _finish(
-        self, models: dict[str, tuple[SAE, torch.optim.Optimizer]], eval_x: np.ndarray
+        self, models: dict[str, tuple[SAE, torch.optim.Optimizer]], state: dict[str, Any]
     ) -> dict[str, Path]:
-        state = {"step": self.total_steps}
         finals, summary = {}, {}
         for run in self.runs:
             sae, _ = models[run.name]
@@ -386,10 +422,14 @@ class Trainer:
                 self.out / run.name / "sae", run=run.name, lr=run.lr, **self._sae_metadata(state)
             )
             finals[run.name] = path
-            lines = (self.out / run.name / "metrics.jsonl").read_text().splitlines()
+            lines = read_lines(self.out / run.name / METRICS_FILE)
             last_eval = [json.loads(x) for x in lines if '"kind": "eval"' in x][-1]
-            summary[run.name] = {"sae": str(path), **last_eval}
-        (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True))
+            summary[run.name] = {
+                "sae": str(path),
+                "dead_after_tokens": run.sae.dead_after_tokens,
+                **last_eval,
+            }
+        write_text(self.out / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=True))
         shutil.rmtree(self.out / CHECKPOINT, ignore_errors=True)
         return finals
 
@@ -398,18 +438,18 @@ def _crossed(before: int, after: int, every: int) -> bool:
     return before // every != after // every
 
 
-def _append(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+def _json_line(record: dict[str, Any]) -> str:
+    return json.dumps(record, sort_keys=True)
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint being resumed, so none appear twice."""
+    """Drop log lines written after the checkpoint being resumed (and a partial last line
+    left by a kill), so that none appears twice."""
     if not path.exists():
-        path.write_text("")
+        write_text(path, "")
         return
-    keep = [x for x in path.read_text().splitlines() if json.loads(x)["step"] <= step]
-    path.write_text("".join(x + "\n" for x in keep))
+    keep = [x for x in read_lines(path) if json.loads(x)["step"] <= step]
+    write_text(path, "".join(x + "\n" for x in keep))
 
 
 def train(cfg: TrainConfig, runs: list[RunSpec], progress: bool = True) -> dict[str, Path]:
