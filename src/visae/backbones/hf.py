@@ -21,7 +21,7 @@ from visae.backbones.preprocess import (
     OPENAI_CLIP_STD,
     Preprocessor,
 )
-from visae.errors import VisaeError
+from visae.errors import VisaeError, first_line
 
 
 class ModelNotFoundError(VisaeError):
@@ -238,7 +238,9 @@ def load_hf_backbone(spec: str, name: str | None = None) -> HFBackbone:
     try:
         config = transformers.AutoConfig.from_pretrained(spec)
     except (OSError, ValueError) as e:
-        raise ModelNotFoundError(f"cannot read a model config from {spec!r}: {e}") from e
+        raise ModelNotFoundError(
+            f"cannot read a model config from {spec!r}: {first_line(e)}"
+        ) from e
     model_type = getattr(config, "model_type", None)
     family = FAMILIES.get(str(model_type))
     if family is None:
@@ -260,7 +262,7 @@ def load_hf_backbone(spec: str, name: str | None = None) -> HFBackbone:
             spec, output_loading_info=True, **dict(family.load_kwargs)
         )
     except (OSError, ValueError) as e:
-        raise VisaeError(f"cannot load model weights from {spec!r}: {e}") from e
+        raise VisaeError(f"cannot load model weights from {spec!r}: {first_line(e)}") from e
     finally:
         if bars:
             transformers.utils.logging.enable_progress_bar()

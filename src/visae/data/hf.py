@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from visae.errors import VisaeError
+from visae.errors import VisaeError, first_line
 
 _LIST_TYPES = ("List", "Sequence", "LargeList")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -90,7 +90,7 @@ def _download(repo_id: str) -> Path:
     except Exception as exc:  # the hub client raises many types; the message names the cause
         raise VisaeError(
             f"no dataset folder {repo_id}, and downloading it from the Hugging Face hub "
-            f"failed: {str(exc).strip().splitlines()[0]}"
+            f"failed: {first_line(exc)}"
         ) from None
 
 

@@ -25,7 +25,7 @@ from torch import Tensor
 
 import visae
 from visae.atomic import atomic_directory, is_tmp_name, write_bytes, write_text
-from visae.errors import VisaeError
+from visae.errors import VisaeError, first_line
 from visae.sae.config import SAEConfig
 from visae.sae.registry import ARCHS
 
@@ -151,9 +151,8 @@ def _resolve(
             allow_patterns=list(OWN_FILES),
         )
     except Exception as exc:  # hub errors come in many types; one clear line for the user
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VisaeError(
-            f"could not fetch SAE checkpoint {spec!r} from the hub: {first_line}"
+            f"could not fetch SAE checkpoint {spec!r} from the hub: {first_line(exc)}"
         ) from None
     return Path(downloaded)
 
