@@ -68,7 +68,7 @@ def main() -> int:
         for name, store_name, seed in (
             ("float32", "float32", 0),
             ("float16", "float16", 0),
-            ("float32, seed 1", "float32", 1),
+            ("float32 (seed 1)", "float32", 1),
         ):
             sae_cfg = SAEConfig(arch="topk", d=d, n_latents=16 * d, k=32, seed=seed)
             cfg = TrainConfig(
@@ -88,14 +88,13 @@ def main() -> int:
             for on in stores
         }
 
-    rows = [f"{'SAE trained on':<24} {'held-out NMSE on float32':>25} {'on float16':>11}"]
+    rows = [f"{'SAE trained on store':<24} {'held-out NMSE on float32':>25} {'on float16':>11}"]
     for trained in saes:
         rows.append(
-            f"{trained + ' store':<24} {nmse[trained, 'float32']:>25.5f} "
-            f"{nmse[trained, 'float16']:>11.5f}"
+            f"{trained:<24} {nmse[trained, 'float32']:>25.5f} {nmse[trained, 'float16']:>11.5f}"
         )
     gap = nmse["float16", "float32"] / nmse["float32", "float32"] - 1
-    spread = nmse["float32, seed 1", "float32"] / nmse["float32", "float32"] - 1
+    spread = nmse["float32 (seed 1)", "float32"] / nmse["float32", "float32"] - 1
     rows += [
         f"float16-trained vs float32-trained SAE, on the true float32 activations: {gap:+.3%}",
         f"another initialisation seed, same float32 store:                       {spread:+.3%}",

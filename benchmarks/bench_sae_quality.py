@@ -111,6 +111,7 @@ def main() -> int:
         total_tokens=args.tokens,
         eval_every_tokens=args.tokens // 3,
         checkpoint_every_tokens=args.tokens,
+        dead_window_fraction=1.0,  # the dead window is --dead-after, not a share of the run
     )
     shutil.rmtree(cfg.out, ignore_errors=True)  # a benchmark trains afresh every time
     start = time.perf_counter()

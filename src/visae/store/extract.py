@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from visae.devices import half_precision_is_emulated
 from visae.errors import VisaeError
 from visae.store.format import n_layout_tokens
 from visae.store.reader import ActivationStore
@@ -32,9 +33,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("visae.store")
 
 ON_UNREADABLE = ("skip", "fail")
-# torch.backends.cpu.get_cpu_capability() of CPUs where bf16/fp16 matmuls are emulated
-# (measured: DINOv2-S under bf16 autocast at 1/6 of the float32 speed on an AVX2 EPYC)
-_CPUS_WITHOUT_HALF_MATMUL = ("DEFAULT", "NO AVX", "AVX2")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -93,7 +91,7 @@ def _precision(autocast: str | None, device: str) -> contextlib.AbstractContextM
     dtype = torch.bfloat16 if autocast == "bf16" else torch.float16
     device_type = torch.device(device).type
     capability = torch.backends.cpu.get_cpu_capability()
-    if device_type == "cpu" and capability in _CPUS_WITHOUT_HALF_MATMUL:
+    if half_precision_is_emulated(device):
         logger.warning(
             "autocast %s on this CPU (%s, no AVX-512) emulates %s and usually runs several "
             "times slower than full precision; autocast pays on GPUs and AVX-512/AMX CPUs",

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from visae.atomic import append_line, read_lines, write_error, write_text
-from visae.devices import resolve_device
+from visae.devices import half_precision_is_emulated, resolve_device
 from visae.errors import VisaeError
 from visae.sae import SAE, BatchTopKSAE
 from visae.store import ActivationStore
@@ -173,6 +173,14 @@ class Trainer:
         self.sparsity_warmup = min(cfg.sparsity_warmup_steps, self.total_steps // 10)
         self.runs = [self._scaled_dead_window(run) for run in runs]
         self.out = Path(cfg.out)
+        slow = [r.name for r in self.runs if r.sae.compute_dtype == "bfloat16"]
+        if slow and half_precision_is_emulated(self.device):
+            logger.warning(
+                "run(s) %s use compute_dtype=bfloat16, which this CPU (%s, no AVX-512) "
+                "emulates: expect several times the float32 step time",
+                ", ".join(slow),
+                torch.backends.cpu.get_cpu_capability(),
+            )
 
     def _scaled_dead_window(self, run: RunSpec) -> RunSpec:
         """The run with its dead-latent window scaled to the run's length: a fraction of the
