@@ -86,10 +86,10 @@ def split_images(
     return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
 
 
-def holdout_record(n_images: int, fraction: float, seed: int) -> dict[str, Any]:
-    """How the held-out images were chosen, as a checkpoint records it: the rule's inputs and
-    a digest of the resulting ids, so that evaluation can re-derive and check them."""
-    _, held = split_images(n_images, fraction, seed)
+def holdout_record(n_images: int, fraction: float, seed: int, held: np.ndarray) -> dict[str, Any]:
+    """How the held-out images `held` were chosen (`split_images`), as a checkpoint records
+    it: the rule's inputs and a digest of the ids, so that evaluation can re-derive and check
+    them."""
     return {
         "rule": "visae.train.split_images",
         "n_images": n_images,
@@ -146,7 +146,9 @@ class Trainer:
         self.train_images, self.eval_images = split_images(
             self.store.n_images, cfg.holdout_fraction, cfg.seed
         )
-        self.holdout = holdout_record(self.store.n_images, cfg.holdout_fraction, cfg.seed)
+        self.holdout = holdout_record(
+            self.store.n_images, cfg.holdout_fraction, cfg.seed, self.eval_images
+        )
         self.epoch_tokens = len(self.train_images) * per_image
         wanted = cfg.total_tokens or self.epoch_tokens
         if wanted > self.epoch_tokens and cfg.beyond_epoch == "stop":
