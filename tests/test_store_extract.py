@@ -230,37 +230,23 @@ def test_extract_resumes_byte_identical_and_refuses_other_model(extracted, image
             progress=False,
         )
     assert ActivationStore.open(out, allow_incomplete=True).n_shards == 2
-    with pytest.raises(VisaeError, match="differs in backbone weights_hash"):
-        extract(
-            TinyDino(seed=1),
-            FolderDataset(image_dir),
-            out,
-            [0, 1],
-            batch_size=3,
-            shard_images=4,
-            progress=False,
-        )
-    with pytest.raises(VisaeError, match="differs in layers"):
-        extract(
-            TinyDino(),
-            FolderDataset(image_dir),
-            out,
-            [1],
-            batch_size=3,
-            shard_images=4,
-            progress=False,
-        )
-    with pytest.raises(VisaeError, match="differs in tokens"):
-        extract(
-            TinyDino(),
-            FolderDataset(image_dir),
-            out,
-            [0, 1],
-            tokens="patch",
-            batch_size=3,
-            shard_images=4,
-            progress=False,
-        )
+    refusals = [
+        (TinyDino(seed=1), [0, 1], {}, "differs in backbone weights_hash"),
+        (TinyDino(), [1], {}, "differs in layers"),
+        (TinyDino(), [0, 1], {"tokens": "patch"}, "differs in tokens"),
+    ]
+    for model, layers, kwargs, message in refusals:
+        with pytest.raises(VisaeError, match=message):
+            extract(
+                model,
+                FolderDataset(image_dir),
+                out,
+                layers,
+                batch_size=3,
+                shard_images=4,
+                progress=False,
+                **kwargs,
+            )
     store = extract(
         TinyDino(),
         FolderDataset(image_dir),
