@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import base64
 import json
+import math
+import os
+import shutil
 import threading
 import urllib.error
 import urllib.request
@@ -38,6 +41,19 @@ CHROMIUM_ARGS = [
     "--no-first-run",
     "--disable-quic",
 ]
+# the first analysis's evaluation-like columns (see `scores`)
+CONCEPTS = ("object:animals/mammals/dogs", "object:Animals/birds", None, "scene:indoor/kitchen")
+SOURCE = "runs/eval-topk"
+NO_MS = (3, 10)
+
+
+def scores(n: int) -> tuple[dict[str, np.ndarray], dict[str, list[str | None]]]:
+    """`ms`: distinct multiples of 0.04 (shown unrounded), undefined on NO_MS; `concept_f1`:
+    multiples of 0.2 (ties); `concept`: CONCEPTS in turn, so every fourth latent has none."""
+    ms = ((np.arange(n) * 7) % n) / 25
+    ms[list(NO_MS)] = np.nan
+    f1 = (np.arange(n) % 5) / 5
+    return {"ms": ms, "concept_f1": f1}, {"concept": [CONCEPTS[j % 4] for j in range(n)]}
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +68,8 @@ def analyses(tmp_path_factory: pytest.TempPathFactory) -> list[Analysis]:
     a1 = run_analysis(p1.sae, p1.store, root / "a1", config=cfg, progress=False, name="relu")
     assert a0.dataset_fingerprint == a1.dataset_fingerprint
     a0.add_metric("score", np.arange(a0.n_latents, dtype=float)[::-1])
+    metrics, texts = scores(a0.n_latents)
+    a0.add_columns(metrics=metrics, texts=texts, source=SOURCE)
     return [Analysis.load(a0.path), Analysis.load(a1.path)]
 
 
@@ -104,7 +122,10 @@ def test_documents_match_the_artifact(analyses: list[Analysis]) -> None:
     a = analyses[0]
     index = payload(analyses, "index")
     assert [x["name"] for x in index["analyses"]] == ["topk", "relu"]
-    assert index["analyses"][0]["metrics"] == ["score"]
+    assert index["analyses"][0]["metrics"] == ["concept_f1", "ms", "score"]
+    assert index["analyses"][0]["texts"] == ["concept"]
+    assert index["analyses"][0]["sources"] == dict.fromkeys(("concept", "concept_f1", "ms"), SOURCE)
+    assert index["analyses"][1]["metrics"] == index["analyses"][1]["texts"] == []
     assert index["analyses"][1]["grid"] == [2, 3]
     assert index["analyses"][0]["code_images"] == a.code_images.tolist()
 
@@ -112,6 +133,10 @@ def test_documents_match_the_artifact(analyses: list[Analysis]) -> None:
     assert cols["columns"]["fire_patch"] == a.table["fire_patch"].tolist()
     np.testing.assert_allclose(cols["columns"]["max_patch"], a.table["max_patch"], rtol=1e-7)
     assert cols["metrics"]["score"][0] == a.n_latents - 1
+    ms = scores(a.n_latents)[0]["ms"]
+    assert cols["metrics"]["ms"] == [None if math.isnan(v) else v for v in ms]  # NaN: null
+    assert cols["texts"] == {"concept": [CONCEPTS[j % 4] for j in range(a.n_latents)]}
+    assert payload(analyses, "a1/latents")["texts"] == {}
     for j in range(a.n_latents):
         assert cols["exemplars"][j] == [e.image for e in a.top(j, "max")][:EXEMPLARS]
 
@@ -241,6 +266,151 @@ def test_map_encoding_round_trips_and_is_never_longer_than_dense(n: int) -> None
     np.testing.assert_array_equal(decode_map(encode_map(big), big.size), big)
 
 
+# ---------------------------------------------------------------- extra per-latent columns
+
+
+def copy_analysis(a: Analysis, dest: Path) -> Analysis:
+    """A private copy of a fixture analysis to add columns to."""
+    shutil.copytree(a.path, dest)
+    return Analysis.load(dest)
+
+
+def columns_state(a: Analysis) -> tuple[Any, ...]:
+    """An analysis's extra columns as comparable values (NaN as None)."""
+    metrics = {k: [None if math.isnan(x) else x for x in v] for k, v in a.metrics.items()}
+    return metrics, a.texts, a.sources
+
+
+def hidden_files(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name.startswith("."))
+
+
+def test_extra_columns_round_trip(tmp_path: Path, analyses: list[Analysis]) -> None:
+    a = copy_analysis(analyses[1], tmp_path / "a")
+    n = a.n_latents
+    ms = np.linspace(0, 1, n)
+    ms[2] = np.nan
+    odd = 'a "quoted", comma\r\nand a line break'
+    concept = ["object:animals/mammals/dogs", odd, "", None, "ünïcode"] + [None] * (n - 5)
+    a.add_columns(metrics={"ms": ms, "f1": ms * 2}, texts={"concept": concept}, source=tmp_path)
+    a.add_metric("plain", np.arange(n))
+    again = Analysis.load(a.path)
+    assert sorted(again.metrics) == ["f1", "ms", "plain"]
+    np.testing.assert_array_equal(again.metrics["ms"], ms)  # bit-exact, NaN kept
+    np.testing.assert_array_equal(again.metrics["f1"], ms * 2)
+    assert again.texts == {"concept": [*concept[:2], None, None, *concept[4:]]}  # "" is None
+    assert again.sources == dict.fromkeys(("concept", "f1", "ms"), str(tmp_path))
+
+    # a column replaced without a source loses its old one; with one, takes the new one
+    again.add_metric("f1", ms)
+    again.add_texts({"concept": [None] * n, "kind": ["x"] * n}, source="eval-2")
+    again.add_metrics({"ms": -ms, "ms_corrected": ms - 1})
+    last = Analysis.load(a.path)
+    np.testing.assert_array_equal(last.metrics["ms"], -ms)
+    np.testing.assert_array_equal(last.metrics["plain"], np.arange(n))
+    assert last.texts == {"concept": [None] * n, "kind": ["x"] * n}
+    assert last.sources == {"concept": "eval-2", "kind": "eval-2"}
+    header = (a.path / "texts.csv").read_text(encoding="utf-8").splitlines()[0]
+    assert header == "latent,concept,kind"
+    assert json.loads((a.path / "columns.json").read_text())["sources"] == last.sources
+    assert hidden_files(a.path) == []
+
+
+def test_extra_columns_refuse_bad_input_before_writing(
+    tmp_path: Path, analyses: list[Analysis]
+) -> None:
+    a = copy_analysis(analyses[1], tmp_path / "a")
+    n = a.n_latents
+    ok = np.zeros(n)
+    a.add_columns(metrics={"ms": ok}, texts={"concept": ["dog"] * n}, source="eval")
+    files = {name: (a.path / name).read_bytes() for name in ("metrics.csv", "texts.csv")}
+    files["columns.json"] = (a.path / "columns.json").read_bytes()
+    bad: list[tuple[Any, str]] = [
+        (lambda: a.add_metrics({"good": ok, "bad": ok[:3]}), r"metric 'bad' has shape \(3,\)"),
+        (
+            lambda: a.add_columns(metrics={"good": ok}, texts={"t": ["x"] * (n - 1)}),
+            f"text column 't' has {n - 1} values; expected {n}",
+        ),
+        (lambda: a.add_texts({"t": ["x", 3] + [None] * (n - 2)}), "int at latent 1"),
+        (lambda: a.add_text("t", "dog" * n), "not a sequence"),
+        (lambda: a.add_metrics({"s": ["high"] * n}), "'s' has non-numeric values"),
+        (lambda: a.add_metric("freq_patch", ok), "'freq_patch' is not allowed"),
+        (lambda: a.add_metric("latent", ok), "'latent' is not allowed"),
+        (lambda: a.add_text("9 lives", [None] * n), "'9 lives' is not allowed"),
+        (lambda: a.add_text("ms", [None] * n), "'ms' is already a metric"),
+        (lambda: a.add_metric("concept", ok), "'concept' is already a text column"),
+        (
+            lambda: a.add_columns(metrics={"x": ok}, texts={"x": [None] * n}),
+            "'x' is given both as a metric and as a text column",
+        ),
+        (lambda: a.add_columns(), "no columns to add"),
+        (lambda: a.add_metric("y", ok, source=""), "source of added columns is empty"),
+    ]
+    for call, message in bad:
+        with pytest.raises(VisaeError, match=message):
+            call()
+        assert {name: (a.path / name).read_bytes() for name in files} == files, message
+        assert hidden_files(a.path) == [], message
+    assert sorted(Analysis.load(a.path).metrics) == ["ms"]
+
+
+def test_extra_columns_survive_a_kill_at_every_step(
+    tmp_path: Path, analyses: list[Analysis], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write of metrics, texts and sources is killed at each of its renames: a reader then
+    sees all of the old columns or all of the new ones, and the next write starts from that."""
+
+    class Killed(BaseException):
+        pass
+
+    base = copy_analysis(analyses[1], tmp_path / "base")
+    n = base.n_latents
+    base.add_columns(metrics={"ms": np.zeros(n)}, texts={"concept": ["old"] * n}, source="e1")
+    old = columns_state(base)
+    new_metrics = {"ms": np.ones(n), "ms_corrected": np.full(n, 0.5), "f1": np.full(n, 0.25)}
+    new_texts = {"concept": ["new"] * n, "lca": ["animals"] * n}
+    real_replace = os.replace
+    renames = 0
+
+    def counting(src: Any, dst: Any) -> None:
+        nonlocal renames
+        renames += 1
+        real_replace(src, dst)
+
+    probe = copy_analysis(base, tmp_path / "probe")
+    monkeypatch.setattr(os, "replace", counting)
+    probe.add_columns(metrics=new_metrics, texts=new_texts, source="e2")
+    monkeypatch.setattr(os, "replace", real_replace)
+    new = columns_state(probe)
+    assert renames >= 4  # three files and the journal at least
+
+    seen = []
+    for kill_at in range(renames):
+        a = copy_analysis(base, tmp_path / f"kill{kill_at}")
+        calls = 0
+
+        def killing(src: Any, dst: Any, kill_at: int = kill_at) -> None:
+            nonlocal calls
+            if calls == kill_at:
+                raise Killed
+            calls += 1
+            real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", killing)
+        with pytest.raises(Killed):
+            a.add_columns(metrics=new_metrics, texts=new_texts, source="e2")
+        monkeypatch.setattr(os, "replace", real_replace)
+        state = columns_state(Analysis.load(a.path))
+        assert state in (old, new), kill_at
+        seen.append(state == new)
+        Analysis.load(a.path).add_metric("later", np.zeros(n))
+        metrics, texts, sources = columns_state(Analysis.load(a.path))
+        assert metrics.pop("later") == [0.0] * n
+        assert (metrics, texts, sources) == state, kill_at
+        assert hidden_files(a.path) == [], kill_at
+    assert True in seen and False in seen  # kills both before and after the commit point
+
+
 # ---------------------------------------------------------------- the app in Chromium
 
 
@@ -314,6 +484,83 @@ def check_cards(
             assert (alpha[t == 0] < 0.25 * alpha.max()).all()
 
 
+def row_ids(panel: Any) -> list[int]:
+    return panel.locator("tbody tr").evaluate_all("rs => rs.map(r => Number(r.dataset.latent))")
+
+
+def shown(v: float) -> str:
+    """A score as the app shows it (3 significant digits; `scores` needs no rounding)."""
+    return "–" if math.isnan(v) else f"{v:.3g}"
+
+
+def check_scores(page: Any, a: Analysis) -> None:
+    """The first analysis's latent list sorted by a score and a text column (undefined values
+    last both ways), filtered by text and by a threshold, and the same view after a reload
+    from the URL alone. Leaves every filter cleared."""
+    lst = page.locator(".latent-list").nth(0)
+    metrics, texts = scores(a.n_latents)
+    ms, concept = metrics["ms"], texts["concept"]
+    ids = range(a.n_latents)
+    scored = [j for j in ids if j not in NO_MS]
+    nan_last = sorted(NO_MS)
+
+    lst.locator("th[data-column='ms']").click()
+    assert row_ids(lst) == sorted(scored, key=lambda j: -ms[j]) + nan_last
+    lst.locator("th[data-column='ms']").click()
+    by_ms = sorted(scored, key=lambda j: ms[j]) + nan_last
+    assert row_ids(lst) == by_ms
+    cells = lst.locator("tbody tr td[data-column='concept']").all_inner_texts()
+    assert cells == [concept[j] or "–" for j in by_ms]
+
+    search = lst.locator("input.text-filter")
+    search.fill("DOG")  # case-insensitive substring over the text columns
+    dogs = [j for j in by_ms if j % 4 == 0]
+    assert row_ids(lst) == dogs and dogs
+    lst.locator("select.threshold-metric").select_option("ms")
+    lst.locator("input.threshold-value").fill("0.5")
+    assert row_ids(lst) == [j for j in dogs if ms[j] >= 0.5]
+    assert lst.locator(".count").inner_text() == f"{len(row_ids(lst))} of {a.n_latents} latents"
+
+    route = page.evaluate("location.hash")
+    assert "a0.q=DOG" in route and "a0.m=ms" in route and "a1." not in route
+    page.reload()
+    wait_ready(page, route)
+    assert row_ids(lst) == [j for j in dogs if ms[j] >= 0.5]
+    assert search.input_value() == "DOG"
+    assert lst.locator("select.threshold-metric").input_value() == "ms"
+
+    search.fill("animals")  # "object:animals/..." and "object:Animals/..."
+    assert row_ids(lst) == [j for j in by_ms if j % 4 in (0, 1) and ms[j] >= 0.5]
+    search.fill("")
+    lst.locator("select.threshold-op").select_option("le")
+    lst.locator("input.threshold-value").fill("0.2")  # inclusive
+    assert row_ids(lst) == [j for j in by_ms if ms[j] <= 0.2]
+    lst.locator("input.threshold-value").fill("abc")  # not a number: no threshold
+    assert row_ids(lst) == by_ms
+    assert "invalid" in (lst.locator("input.threshold-value").get_attribute("class") or "")
+    lst.locator("input.threshold-value").fill("")
+    lst.locator("select.threshold-metric").select_option("")
+
+    lst.locator("th[data-column='concept']").click()  # text: ascending first, none last
+    key = {c: n for n, c in enumerate(sorted({c for c in concept if c}, key=str.lower))}
+    assert row_ids(lst) == sorted(ids, key=lambda j: (concept[j] is None, key.get(concept[j]), j))
+    assert page.locator(".latent-list").nth(1).locator(".threshold").count() == 0
+
+
+def check_latent_scores(page: Any, a: Analysis, j: int) -> None:
+    """The latent page lists every metric and text value of the latent, and their source."""
+    box = page.locator(".scores")
+    want = {name: shown(float(v[j])) for name, v in a.metrics.items()}
+    want.update({name: v[j] or "–" for name, v in a.texts.items()})
+    got = box.locator("[data-column]").evaluate_all(
+        "ds => ds.map(d => [d.dataset.column, d.querySelector('.value').textContent])"
+    )
+    assert dict(got) == want and len(got) == len(want) == 4
+    assert box.locator("[data-column='score'] .value").inner_text() == shown(a.n_latents - 1 - j)
+    assert page.locator(".latent-page .sources").inner_text() == f"scores from {SOURCE}"
+    assert box.locator("[data-column='ms']").get_attribute("title") == f"from {SOURCE}"
+
+
 def check_app(page: Any, base: str, analyses: list[Analysis]) -> None:
     """Open the app, a latent, its images with overlays, an image page, a patch, the slider."""
     errors: list[str] = []
@@ -331,12 +578,13 @@ def check_app(page: Any, base: str, analyses: list[Analysis]) -> None:
     )
     freq = a0.table["freq_patch"]
     assert first_ids == sorted(range(a0.n_latents), key=lambda j: (-freq[j], j))
-    lists.nth(0).locator("th", has_text="score").click()
+    lists.nth(0).locator("th[data-column='score']").click()
     assert int(lists.nth(0).locator("tbody tr").first.get_attribute("data-latent")) == 0
     lists.nth(0).locator("input[type=search]").fill("1")
-    shown = lists.nth(0).locator("tbody tr").evaluate_all("rs => rs.map(r => r.dataset.latent)")
-    assert shown and all(s.startswith("1") for s in shown)
+    prefix = lists.nth(0).locator("tbody tr").evaluate_all("rs => rs.map(r => r.dataset.latent)")
+    assert prefix and all(s.startswith("1") for s in prefix)
     lists.nth(0).locator("input[type=search]").fill("")
+    check_scores(page, a0)
 
     j = busiest_latent(a0)
     lists.nth(0).locator(f"tbody tr[data-latent='{j}']").click()
@@ -349,6 +597,7 @@ def check_app(page: Any, base: str, analyses: list[Analysis]) -> None:
     ]
     check_cards(page, top, a0.grid, float(a0.table["max_patch"][j]))
     assert page.locator("canvas.hist").count() == 1
+    check_latent_scores(page, a0, j)
     page.locator(".tabs button[data-ranking='mean']").click()
     wait_ready(page, f"#/latent/0/{j}?r=mean")
     assert page.locator(".card").evaluate_all("cs => cs.map(c => Number(c.dataset.image))") == [

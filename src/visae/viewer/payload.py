@@ -103,6 +103,8 @@ def index_payload(analyses: Sequence[Analysis]) -> dict[str, Any]:
                 "rankings": a.rankings,
                 "top_n": a.top_n,
                 "metrics": sorted(a.metrics),
+                "texts": sorted(a.texts),
+                "sources": a.sources,
                 "has_labels": bool(meta.get("has_labels")),
                 "fingerprint": a.dataset_fingerprint,
                 "patch_codes_k": int(meta["patch_codes_k"]),
@@ -116,8 +118,9 @@ def index_payload(analyses: Sequence[Analysis]) -> dict[str, Any]:
 
 def latents_payload(a: Analysis) -> dict[str, Any]:
     """The latent table as columns (the list page sorts and filters it client-side; latent and
-    image pages read their statistics from it), extra metrics, and each latent's exemplars:
-    its first `EXEMPLARS` top images under the "max" ranking."""
+    image pages read their statistics from it), the extra numeric `metrics` and `texts`
+    columns (null: no value), and each latent's exemplars: its first `EXEMPLARS` top images
+    under the "max" ranking."""
     table = a.table
     cols: dict[str, Any] = {}
     for name, kind in LATENT_COLUMNS:
@@ -128,10 +131,11 @@ def latents_payload(a: Analysis) -> dict[str, Any]:
         else:
             cols[name] = _floats(table[name], 8)
     metrics = {name: _floats(v, 8) for name, v in sorted(a.metrics.items())}
+    texts = dict(sorted(a.texts.items()))
     _, max_images = a.top_arrays("max")
     top = np.asarray(max_images[:, :EXEMPLARS])
     exemplars = [[int(i) for i in row if i >= 0] for row in top]
-    return {"columns": cols, "metrics": metrics, "exemplars": exemplars}
+    return {"columns": cols, "metrics": metrics, "texts": texts, "exemplars": exemplars}
 
 
 def images_payload(a: Analysis) -> dict[str, Any]:

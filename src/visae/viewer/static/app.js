@@ -224,43 +224,108 @@
   }
 
   const ui = { opacity: 0.75, ranking: "max" };
+  // per analysis: the latent list's sort and filters, kept across pages and in the front
+  // page's URL as a<id>.<key> (only values that differ from the defaults)
   const listState = new Map();
+  const LIST_URL_KEYS = { sort: "sort", desc: "desc", query: "q", show: "show", metric: "m", op: "op", min: "t" };
+  const THRESHOLD_OPS = { ge: "≥", le: "≤" };
+
+  function listDefaults() {
+    return { sort: "freq_patch", desc: true, query: "", show: "all", metric: "", op: "ge", min: "", limit: 100 };
+  }
+
+  // the list state of analysis `id`: the URL's when it names any of its keys, else the last one shown
+  function listStateFor(id, params) {
+    const prefix = "a" + id + ".";
+    const keys = Object.entries(LIST_URL_KEYS).filter(([, k]) => params.has(prefix + k));
+    if (!keys.length) {
+      if (!listState.has(id)) listState.set(id, listDefaults());
+      return listState.get(id);
+    }
+    const st = listDefaults();
+    for (const [field, k] of keys) {
+      const v = params.get(prefix + k);
+      st[field] = field === "desc" ? v === "1" : v;
+    }
+    listState.set(id, st);
+    return st;
+  }
+
+  function writeListUrl() {
+    if (parseHash().parts.length) return; // left the front page meanwhile
+    const def = listDefaults();
+    const q = new URLSearchParams();
+    for (const id of [...listState.keys()].sort((x, y) => x - y)) {
+      const st = listState.get(id);
+      for (const [field, k] of Object.entries(LIST_URL_KEYS)) {
+        if (st[field] === def[field]) continue;
+        q.set("a" + id + "." + k, field === "desc" ? (st.desc ? "1" : "0") : st[field]);
+      }
+    }
+    const text = q.toString();
+    history.replaceState(null, "", "#/" + (text ? "?" + text : ""));
+  }
 
   // ---------- pages ----------
 
-  async function renderHome(app) {
+  async function renderHome(app, params) {
     setCrumbs(h("span", {}, "latents"));
     const index = await load("index");
     const cols = h("div", { class: "columns" });
     app.replaceChildren(cols);
     const docs = await Promise.all(index.analyses.map((a) => load("a" + a.id + "/latents")));
-    index.analyses.forEach((a, i) => cols.appendChild(latentListPanel(a, docs[i])));
+    index.analyses.forEach((a, i) => cols.appendChild(latentListPanel(a, docs[i], listStateFor(a.id, params))));
+    writeListUrl();
   }
 
-  function latentListPanel(a, doc) {
+  // a document's value for a column name (names are user-chosen: "constructor" is one too)
+  function own(obj, key) {
+    return Object.hasOwn(obj, key) ? obj[key] : undefined;
+  }
+
+  function undefinedValue(v) {
+    return v === null || v === undefined || v === "" || Number.isNaN(v);
+  }
+
+  function sourcesLine(sources, names) {
+    const from = [...new Set(names.map((n) => own(sources, n)).filter(Boolean))];
+    return from.length ? h("div", { class: "meta sources" }, "scores from " + from.join(", ")) : null;
+  }
+
+  function latentListPanel(a, doc, st) {
     const c = doc.columns;
-    const metricNames = Object.keys(doc.metrics || {});
+    const metrics = doc.metrics || {};
+    const texts = doc.texts || {};
+    const sources = a.sources || {};
+    // kind: "num" (sorted as numbers, descending first) or "text" (alphabetically, ascending first)
     const fields = [
-      ["latent", "latent", (v) => String(v)],
-      ["freq_patch", "freq (patch)", pct],
-      ["freq_image", "freq (image)", pct],
-      ["max_patch", "max", (v) => fmt(v)],
-      ["mean_active", "mean active", (v) => fmt(v)],
+      { name: "latent", title: "latent", kind: "num", f: (v) => String(v) },
+      { name: "freq_patch", title: "freq (patch)", kind: "num", f: pct },
+      { name: "freq_image", title: "freq (image)", kind: "num", f: pct },
+      { name: "max_patch", title: "max", kind: "num", f: (v) => fmt(v) },
+      { name: "mean_active", title: "mean active", kind: "num", f: (v) => fmt(v) },
     ];
-    if (a.rankings.includes("cls")) fields.push(["freq_cls", "freq (CLS)", pct]);
-    for (const m of metricNames) fields.push([m, m, (v) => fmt(v)]);
-    if (a.has_labels) fields.push(["top_label", "top label", null]);
-    const value = (name, j) => (name in c ? c[name][j] : doc.metrics[name][j]);
-    let st = listState.get(a.id);
-    if (!st) {
-      st = { sort: "freq_patch", desc: true, query: "", show: "all", limit: 100 };
-      listState.set(a.id, st);
-    }
+    if (a.rankings.includes("cls")) fields.push({ name: "freq_cls", title: "freq (CLS)", kind: "num", f: pct });
+    for (const m of Object.keys(metrics)) fields.push({ name: m, title: m, kind: "num", f: (v) => fmt(v) });
+    for (const t of Object.keys(texts)) fields.push({ name: t, title: t, kind: "text", f: (v) => v || "–" });
+    if (a.has_labels) fields.push({ name: "top_label", title: "top label", kind: "text", f: null });
+    const textFields = fields.filter((f) => f.kind === "text").map((f) => f.name);
+    const value = (name, j) => (Object.hasOwn(c, name) ? c : Object.hasOwn(metrics, name) ? metrics : texts)[name][j];
+    if (!fields.some((f) => f.name === st.sort)) Object.assign(st, { sort: "freq_patch", desc: true });
+    if (!Object.hasOwn(metrics, st.metric)) st.metric = "";
+    if (!Object.hasOwn(THRESHOLD_OPS, st.op)) st.op = "ge";
+    if (!["all", "live", "dead"].includes(st.show)) st.show = "all";
+
     const panel = h("section", { class: "panel latent-list", dataset: { analysis: a.id } });
     const tbody = h("tbody");
     const head = h("tr");
     const count = h("span", { class: "muted count" });
     const more = h("button", { class: "more" }, "show more");
+
+    function threshold() {
+      const t = st.min.trim() === "" ? NaN : Number(st.min);
+      return st.metric && Number.isFinite(t) ? t : null;
+    }
 
     function rows() {
       const q = st.query.trim().toLowerCase();
@@ -270,28 +335,35 @@
       if (q) {
         ids = /^\d+$/.test(q)
           ? ids.filter((j) => String(j).startsWith(q))
-          : ids.filter((j) => (c.top_label[j] || "").toLowerCase().includes(q));
+          : ids.filter((j) => textFields.some((name) => (value(name, j) || "").toLowerCase().includes(q)));
+      }
+      const t = threshold();
+      if (t !== null) {
+        const col = metrics[st.metric];
+        ids = ids.filter((j) => !undefinedValue(col[j]) && (st.op === "ge" ? col[j] >= t : col[j] <= t));
       }
       const sign = st.desc ? -1 : 1;
+      const text = fields.find((f) => f.name === st.sort).kind === "text";
       ids.sort((x, y) => {
         const vx = value(st.sort, x);
         const vy = value(st.sort, y);
-        if (vx === vy) return x - y;
-        if (vx === null || vx === undefined || vx === "") return 1;
-        if (vy === null || vy === undefined || vy === "") return -1;
-        return (vx < vy ? -1 : 1) * sign;
+        const ux = undefinedValue(vx), uy = undefinedValue(vy);
+        if (ux || uy) return ux && uy ? x - y : ux ? 1 : -1;
+        const d = text ? String(vx).localeCompare(String(vy)) : vx - vy;
+        return d ? Math.sign(d) * sign : x - y;
       });
       return ids;
     }
 
     function draw() {
-      head.replaceChildren(...fields.map(([name, title]) => h("th", {
-        class: (name === st.sort ? "sorted " : "") + (name === "top_label" ? "label" : ""),
-        title: "sort by " + title,
+      head.replaceChildren(...fields.map(({ name, title, kind }) => h("th", {
+        class: (name === st.sort ? "sorted " : "") + (name === "top_label" ? "label" : kind === "text" ? "text" : ""),
+        dataset: { column: name },
+        title: "sort by " + title + (own(sources, name) ? " (from " + own(sources, name) + ")" : ""),
         onclick: () => {
           if (st.sort === name) st.desc = !st.desc;
-          else { st.sort = name; st.desc = name !== "latent"; }
-          draw();
+          else { st.sort = name; st.desc = kind === "num" && name !== "latent"; }
+          update();
         },
       }, title + (name === st.sort ? (st.desc ? " ▾" : " ▴") : ""))));
       const ids = rows();
@@ -302,38 +374,58 @@
           class: dead ? "dead" : "",
           dataset: { latent: j },
           onclick: () => go("latent/" + a.id + "/" + j),
-        }, fields.map(([name, , f]) => {
+        }, fields.map(({ name, kind, f }) => {
           const v = value(name, j);
           if (name === "latent") return h("td", {}, String(j), dead ? h("span", { class: "badge dead" }, "dead") : null);
           if (name === "top_label") {
             const frac = c.top_label_frac[j];
             return h("td", { class: "label" }, v || "", v && frac !== null ? h("span", { class: "muted" }, " (" + Math.round(frac * 100) + "%)") : null);
           }
-          return h("td", {}, f(v));
+          if (kind === "text") return h("td", { class: "text", title: v || null, dataset: { column: name } }, f(v));
+          return h("td", { dataset: { column: name } }, f(v));
         }));
       }));
       more.style.display = ids.length > st.limit ? "" : "none";
+      thresholdInput.classList.toggle("invalid", st.min.trim() !== "" && !Number.isFinite(Number(st.min)));
+    }
+
+    function update() {
+      draw();
+      writeListUrl();
     }
     more.onclick = () => { st.limit += 200; draw(); };
 
-    const search = h("input", { type: "search", placeholder: a.has_labels ? "latent id or label" : "latent id", value: st.query });
-    search.addEventListener("input", () => { st.query = search.value; st.limit = 100; draw(); });
-    const show = h("select", { title: "which latents" },
+    const searchable = ["latent id"].concat(textFields.map((n) => (n === "top_label" ? "label" : n)));
+    const search = h("input", { type: "search", class: "text-filter", placeholder: searchable.join(", "), value: st.query });
+    search.addEventListener("input", () => { st.query = search.value; st.limit = 100; update(); });
+    const show = h("select", { title: "which latents", class: "show" },
       ["all", "live", "dead"].map((v) => h("option", { value: v, selected: v === st.show }, v)));
-    show.addEventListener("change", () => { st.show = show.value; draw(); });
+    show.addEventListener("change", () => { st.show = show.value; update(); });
 
-    panel.append(
+    const metricSelect = h("select", { class: "threshold-metric", title: "keep latents whose metric passes a threshold" },
+      h("option", { value: "" }, "any score"),
+      Object.keys(metrics).map((m) => h("option", { value: m, selected: m === st.metric }, m)));
+    const opSelect = h("select", { class: "threshold-op", title: "at least / at most" },
+      Object.entries(THRESHOLD_OPS).map(([v, sym]) => h("option", { value: v, selected: v === st.op }, sym)));
+    const thresholdInput = h("input", { type: "text", inputmode: "decimal", class: "threshold-value", placeholder: "threshold", value: st.min, size: 8 });
+    metricSelect.addEventListener("change", () => { st.metric = metricSelect.value; st.limit = 100; update(); });
+    opSelect.addEventListener("change", () => { st.op = opSelect.value; update(); });
+    thresholdInput.addEventListener("input", () => { st.min = thresholdInput.value; st.limit = 100; update(); });
+
+    panel.append(...[
       h("h2", {}, a.name),
       h("div", { class: "meta" },
         [a.backbone, "layer " + a.layer, a.sae.arch + (a.sae.k ? " k=" + a.sae.k : ""),
           a.sae.n_latents + " latents", a.n_images + " images"].join(" · "),
         " · ", h("span", { class: a.n_dead ? "badge dead" : "badge" }, a.n_dead + " dead"),
         " · ", h("a", { href: "#/images/" + a.id }, "browse images")),
+      sourcesLine(sources, Object.keys(metrics).concat(Object.keys(texts))),
       h("img", { class: "freqplot", src: "a" + a.id + "/" + a.frequency_plot, alt: "latent frequency histogram" }),
       h("div", { class: "controls" }, search, show, count),
-      h("table", { class: "latents" }, h("thead", {}, head), tbody),
+      Object.keys(metrics).length ? h("div", { class: "controls threshold" }, metricSelect, opSelect, thresholdInput) : null,
+      h("div", { class: "table-wrap" }, h("table", { class: "latents" }, h("thead", {}, head), tbody)),
       more,
-    );
+    ].filter(Boolean));
     draw();
     return panel;
   }
@@ -347,8 +439,13 @@
     setCrumbs(h("a", { href: "#/" }, "latents"), h("span", {}, meta.name), h("span", {}, "latent " + j));
     const s = {};
     for (const [name, col] of Object.entries(sh.latents.columns)) s[name] = col[j];
-    for (const [name, col] of Object.entries(sh.latents.metrics)) s[name] = col[j];
+    const metrics = sh.latents.metrics || {};
+    const texts = sh.latents.texts || {};
+    const sources = meta.sources || {};
     const stat = (label, v) => h("div", {}, h("span", {}, label), v);
+    const score = (name, v) => h("div", { dataset: { column: name }, title: own(sources, name) ? "from " + own(sources, name) : null },
+      h("span", {}, name), h("div", { class: "value" }, v));
+    const scoreNames = Object.keys(metrics).concat(Object.keys(texts));
     const stats = h("div", { class: "stats" },
       stat("frequency (patches)", pct(s.freq_patch)),
       stat("frequency (images)", pct(s.freq_image)),
@@ -358,8 +455,14 @@
       stat("mean (all patches)", fmt(s.mean_patch)),
       meta.has_labels ? stat("top label (share of top images vs all)", s.top_label
         ? s.top_label + " (" + Math.round(100 * s.top_label_frac) + "% vs " + Math.round(100 * s.top_label_base) + "%)" : "–") : null,
-      ...meta.metrics.map((m) => stat(m, fmt(s[m]))),
     );
+    const scores = scoreNames.length ? [
+      h("h3", {}, "Scores"),
+      sourcesLine(sources, scoreNames),
+      h("div", { class: "stats scores" },
+        Object.keys(metrics).map((m) => score(m, fmt(metrics[m][j]))),
+        Object.keys(texts).map((t) => score(t, texts[t][j] || "–"))),
+    ] : [];
     const tabs = h("div", { class: "tabs" }, meta.rankings.map((r) => h("button", {
       class: r === ranking ? "active" : "",
       dataset: { ranking: r },
@@ -400,7 +503,7 @@
       j + 1 < meta.sae.n_latents ? h("a", { href: "#/latent/" + a + "/" + (j + 1) }, "latent " + (j + 1) + " →") : null);
     app.replaceChildren(h("section", { class: "panel latent-page", dataset: { analysis: a, latent: j } },
       h("h2", {}, "Latent " + j, s.dead ? h("span", { class: "badge dead" }, "dead") : null),
-      h("div", { class: "meta" }, meta.name), nav, stats,
+      h("div", { class: "meta" }, meta.name), nav, stats, ...scores,
       h("h3", {}, "Top images"),
       h("div", { class: "controls" }, tabs, h("label", { class: "slider" }, "overlay", opacity)),
       entries.length ? cards : h("p", { class: "muted" }, "This latent never fires under this ranking."),
@@ -600,7 +703,7 @@
       if (parts[0] === "latent" && parts.length === 3) await renderLatent(app, Number(parts[1]), Number(parts[2]), params);
       else if (parts[0] === "image" && parts.length === 3) await renderImage(app, Number(parts[1]), Number(parts[2]), params);
       else if (parts[0] === "images" && parts.length === 2) await renderImages(app, Number(parts[1]));
-      else await renderHome(app);
+      else await renderHome(app, params);
       const path = parts.join("/");
       if (path !== lastPath) window.scrollTo(0, 0);
       lastPath = path;
