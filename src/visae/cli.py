@@ -15,6 +15,12 @@ from visae import __version__
 from visae.data import DATASET_SPECS_HELP
 from visae.data.commands import add_scenes_arguments, run_scenes
 from visae.errors import VisaeError
+from visae.eval.commands import (
+    add_compare_arguments,
+    add_evaluate_arguments,
+    run_compare,
+    run_evaluate,
+)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -462,6 +468,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing analysis")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_analyze)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="interpretability scores of an SAE beside untrained and random baselines",
+        description="Monosemanticity Score, concept matching (FBMP, MATCHScore, DeltaMATCH), "
+        "TAPAScore, hierarchy and proxies, each beside an untrained twin SAE and random codes "
+        "with bootstrap intervals; writes scores.json, per-latent tables and report.html.",
+    )
+    add_evaluate_arguments(p)
+    p.set_defaults(handler=run_evaluate)
+
+    p = sub.add_parser("compare", help="one table and plot across several evaluations")
+    add_compare_arguments(p)
+    p.set_defaults(handler=run_compare)
 
     p = sub.add_parser("view", help="browse analyses in a local web app, or export it as files")
     p.add_argument("analyses", nargs="+", help="one analysis folder, or two side by side")

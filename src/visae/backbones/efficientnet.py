@@ -98,7 +98,8 @@ class EfficientNetBackbone(Backbone):
 
     def __init__(self, net: LiteNet, preprocessor: Preprocessor = PREPROCESSOR) -> None:
         self.name = NAME
-        self._net = net.eval()
+        # channels-last: PyTorch's CPU depthwise convolutions run ~5x faster in it (measured)
+        self._net = net.eval().to(memory_format=torch.channels_last)
         self._preprocessor = preprocessor
         # a stage ends where the next block changes width (every Lite stage has its own width)
         widths = [int(b._block_args.output_filters) for b in net.blocks]
@@ -158,7 +159,7 @@ class EfficientNetBackbone(Backbone):
         return self._modules_by_layer[layer]
 
     def _run(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self._net(pixels)
+        return self._net(pixels.contiguous(memory_format=torch.channels_last))
 
     def _to_tokens(self, layer: int, output: torch.Tensor) -> torch.Tensor:
         return output.flatten(2).transpose(1, 2)
