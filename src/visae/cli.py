@@ -227,11 +227,13 @@ DEMO_TOKENS = 600_000
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """The whole loop on the embedded default: scenes -> DINOv2-S activations -> a TopK SAE ->
-    analysis -> static feature browser. Every stage reuses what an earlier run finished."""
+    analysis -> evaluation beside its baselines -> static feature browser (with the scores).
+    Every stage reuses what an earlier run finished."""
     from visae.analysis import run_analysis
     from visae.analysis.plots import plot_nmse_l0
     from visae.backbones import DEFAULT_BACKBONE, load_backbone
     from visae.data import load_dataset
+    from visae.eval import evaluate
     from visae.sae import SAEConfig
     from visae.store import extract
     from visae.train import RunSpec, TrainConfig, train
@@ -279,7 +281,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         sae_dir, store, out / "analysis", dataset=dataset, overwrite=True, progress=progress
     )
     lap("analyze")
-    root = export_static([analysis], out / "browser", overwrite=True, progress=progress)
+    evaluation = evaluate(
+        sae_dir, store, out / "eval", dataset=dataset, analysis=analysis.path, progress=progress
+    )
+    print(evaluation.summary())
+    print(f"[demo] report card {Path(evaluation.path).resolve() / 'report.html'}")
+    lap("evaluate")
+    root = export_static([analysis.path], out / "browser", overwrite=True, progress=progress)
     lap("browser")
     print(
         f"[demo] finished in {sum(times.values()):.0f} s: "
@@ -493,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_view)
     p = sub.add_parser(
         "demo",
-        help="the whole loop on the default scenes and DINOv2-S, ending in a static browser",
+        help="the whole loop on the default scenes and DINOv2-S: train, analyse, evaluate, browse",
     )
     p.add_argument("--out", default="demo-out", help="output folder (reused on a second run)")
     p.add_argument("--tokens", type=int, default=DEMO_TOKENS, help="SAE training tokens")

@@ -130,12 +130,15 @@ def evaluate(
     layer: int | None = None,
     dataset: ImageDataset | str | None = None,
     analysis: str | Path | None = None,
+    cache: str | Path | None = None,
     device: str = "cpu",
     progress: bool = True,
 ) -> Evaluation:
     """Score `sae` on `store` and write the evaluation folder `out` (module docstring).
     `analysis`: an analysis folder of the same SAE to which the per-latent scores are added,
-    so the feature browser shows and sorts them."""
+    so the feature browser shows and sorts them. `cache`: where codes and embeddings are kept
+    (default `out/cache`; a folder shared by a sweep's evaluations computes the encoder's
+    embeddings once); entries are keyed by everything they depend on."""
     from visae.devices import resolve_device
     from visae.pairing import resolve_pair
     from visae.sae import SAE
@@ -150,7 +153,7 @@ def evaluate(
         store = ActivationStore.open(store, progress=progress)
     layer, tokens = resolve_pair(sae, store, layer)
     out = Path(out)
-    cache = out / "cache"
+    cache = Path(cache) if cache is not None else out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     clock = [time.perf_counter()]
@@ -212,7 +215,7 @@ def evaluate(
                 progress=progress,
             )
 
-        codes[variant], _ = cached_codes(cache / f"codes-{variant}.npz", key, make)
+        codes[variant], _ = cached_codes(cache / f"codes-{variant}-{key[:16]}.npz", key, make)
         lap(f"codes {variant}")
 
     embeddings = _embeddings(inputs, config, cache, device, progress)
