@@ -165,6 +165,17 @@ def test_compare_two_evaluations_of_one_sae(
     )
     assert code == 0 and "match@3" in table and "image_rule" in table
     assert (chain["root"] / "cmp" / "compare.png").stat().st_size > 1000
+    code, _, err = run(
+        capsys,
+        "compare",
+        str(first),
+        str(second),
+        "--out",
+        str(chain["root"] / "cmp2"),
+        "--plot-scores",
+        "match@3,nope",
+    )
+    assert code == 2 and "'nope'" in err and err.count("\n") == 1
     rows = (chain["root"] / "cmp" / "compare.csv").read_text().splitlines()
     assert rows[0].startswith("score") and any(r.startswith("match@3,") for r in rows)
 

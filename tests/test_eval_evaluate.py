@@ -217,6 +217,9 @@ def test_code_pass_equals_dense_reference(planted: Planted) -> None:
     for j in range(sae.n_latents):
         thr = np.sort(mx[:, j])[int(np.floor(0.9 * len(mx)))]
         np.testing.assert_array_equal(q[:, j], mx[:, j] > thr)
+    part = codes.subset(np.array([0, 2, 3]))
+    np.testing.assert_array_equal(part.aggregate("max").toarray(), dense.max(1)[[0, 2, 3]])
+    np.testing.assert_array_equal(part.images, images[[0, 2, 3]])
     top, _ = codes.top_images(5)
     for j in range(sae.n_latents):
         order = np.lexsort((np.arange(len(mx)), -mx[:, j]))[:5]

@@ -150,6 +150,26 @@ class ImageCodes:
             return self._csr(self.count.astype(np.float32) / np.float32(self.n_patches))
         raise VisaeError(f"unknown image aggregate {how!r}: one of {', '.join(AGGREGATES)}")
 
+    def subset(self, rows: np.ndarray) -> ImageCodes:
+        """The image-level codes of some rows (indices into `images`); per-patch codes kept."""
+        rows = np.asarray(rows, dtype=np.int64)
+        starts, stops = self.indptr[rows], self.indptr[rows + 1]
+        lengths = stops - starts
+        indptr = np.zeros(len(rows) + 1, np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        entries = np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])
+        return replace(
+            self,
+            images=self.images[rows],
+            indptr=indptr,
+            indices=self.indices[entries],
+            max=self.max[entries],
+            sum=self.sum[entries],
+            sumsq=self.sumsq[entries],
+            count=self.count[entries],
+            raw=None if self.raw is None else self.raw[rows],
+        )
+
     def sums(self) -> tuple[sp.csr_matrix, sp.csr_matrix]:
         """Per image the sum and the sum of squares of each latent's patch activations."""
         return self._csr(self.sum), self._csr(self.sumsq)

@@ -103,12 +103,19 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("evaluations", nargs="+", help="evaluation folders written by visae evaluate")
     p.add_argument("--out", help="folder for compare.csv and compare.png")
+    p.add_argument(
+        "--plot-scores",
+        help="comma-separated score names for compare.png (default: the headline scores)",
+    )
 
 
 def run_compare(args: argparse.Namespace) -> int:
     from visae.eval.compare import compare
 
-    comparison = compare([Path(e) for e in args.evaluations], Path(args.out) if args.out else None)
+    scores = [x.strip() for x in args.plot_scores.split(",")] if args.plot_scores else None
+    comparison = compare(
+        [Path(e) for e in args.evaluations], Path(args.out) if args.out else None, scores
+    )
     print(comparison.table())
     if args.out:
         print(f"written: {Path(args.out).resolve() / 'compare.csv'}, compare.png")

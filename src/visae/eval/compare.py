@@ -39,6 +39,18 @@ from visae.eval.report import (
     short_name,
 )
 
+HEADLINE_SCORES = (
+    "ms_corrected",
+    "best_single_f1",
+    "match@3",
+    "delta_match@3",
+    "match@3_patch",
+    "delta_match@3_patch",
+    "tapa",
+    "tapa_patch",
+    "lca_depth",
+    "locality",
+)
 CSV_FILE = "compare.csv"
 PNG_FILE = "compare.png"
 MISSING = "-"
@@ -161,13 +173,17 @@ class Comparison:
             )
         return buf.getvalue()
 
-    def plot(self, path: str | os.PathLike[str]) -> Path:
-        """One panel per score, in the evaluations' order (grouped as they group them): x =
-        evaluations, the trained value with its interval beside each baseline's, the chance
-        level dotted where the score has one. Per score rather than per group, since a group
-        mixes scales (TAPAScore in [-2, 2] beside its leakage in [0, 1]) and the schema marks
-        no headline score."""
-        n = len(self.order)
+    def plot(self, path: str | os.PathLike[str], scores: Sequence[str] | None = None) -> Path:
+        """One panel per score (`scores`, default the headline ones present, else every
+        score): x = evaluations, the trained value with its interval beside each baseline's,
+        the chance level dotted where the score has one. Per score rather than per group,
+        since a group mixes scales (TAPAScore in [-2, 2] beside its leakage in [0, 1])."""
+        wanted = HEADLINE_SCORES if scores is None else tuple(scores)
+        unknown = [name for name in wanted if scores is not None and name not in self.cells]
+        if unknown:
+            raise VisaeError(f"no score {unknown[0]!r} in the evaluations compared")
+        order = [name for name in self.order if name in wanted] or self.order
+        n = len(order)
         ncols = min(4, n)
         nrows = math.ceil(n / ncols)
         height = 2.7 * nrows + 0.4
@@ -176,7 +192,7 @@ class Comparison:
         )
         variants = self.variants()
         width = 0.7 / len(variants)
-        for ax, name in zip(axes.flat, self.order, strict=False):
+        for ax, name in zip(axes.flat, order, strict=False):
             cells = self.cells[name]
             for i, v in enumerate(variants):
                 xs, ys, lo, hi = [], [], [], []
@@ -257,10 +273,13 @@ def _csv_cell(s: Score | None, what: str) -> str:
 
 
 def compare(
-    eval_dirs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str] | None = None
+    eval_dirs: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str] | None = None,
+    plot_scores: Sequence[str] | None = None,
 ) -> Comparison:
     """Read the evaluation folders and put their scores side by side; with `out`, write
-    `out/compare.csv` and `out/compare.png`."""
+    `out/compare.csv` (every score) and `out/compare.png` (`plot_scores`, default the
+    headline scores)."""
     if not eval_dirs:
         raise VisaeError("compare needs at least one evaluation folder")
     evals = [load_score_card(d) for d in eval_dirs]
@@ -287,7 +306,7 @@ def compare(
         except OSError as e:
             raise VisaeError(f"cannot create {folder}: {e.strerror or e}") from None
         write_text(folder / CSV_FILE, result.csv_text())
-        result.plot(folder / PNG_FILE)
+        result.plot(folder / PNG_FILE, plot_scores)
     return result
 
 

@@ -106,7 +106,7 @@ class Scorer:
     def run(self, lap: Callable[[str], None]) -> dict[str, Any]:
         inputs, cfg = self.inputs, self.config
         rows = {v: np.searchsorted(c.images, inputs.eval_images) for v, c in self.codes.items()}
-        subsets = {v: _subset(c, rows[v]) for v, c in self.codes.items()}
+        subsets = {v: c.subset(rows[v]) for v, c in self.codes.items()}
         labels = inputs.concepts.labels_NC[inputs.eval_images]
         names = inputs.concepts.names
         ms = self._ms(subsets)
@@ -494,23 +494,6 @@ class Scorer:
 
 def _at(table_CK: np.ndarray, k: int) -> np.ndarray:
     return table_CK[:, min(k, table_CK.shape[1]) - 1]
-
-
-def _subset(codes: ImageCodes, rows: np.ndarray) -> ImageCodes:
-    """The image-level codes of some rows (no per-patch codes)."""
-    m = codes._csr(np.arange(len(codes.indices), dtype=np.int64))[rows]
-    order = m.data
-    return replace(
-        codes,
-        images=codes.images[rows],
-        indptr=m.indptr.astype(np.int64),
-        indices=m.indices.astype(np.int32),
-        max=codes.max[order],
-        sum=codes.sum[order],
-        sumsq=codes.sumsq[order],
-        count=codes.count[order],
-        raw=None if codes.raw is None else codes.raw[rows],
-    )
 
 
 def _patch_rows(codes: ImageCodes, rows: np.ndarray) -> sp.csr_matrix:
