@@ -217,6 +217,10 @@ def test_code_pass_equals_dense_reference(planted: Planted) -> None:
     for j in range(sae.n_latents):
         thr = np.sort(mx[:, j])[int(np.floor(0.9 * len(mx)))]
         np.testing.assert_array_equal(q[:, j], mx[:, j] > thr)
+    # every rule leaves the codes as they were (scipy matrices share arrays they are built from)
+    for rule in ("any", "fraction:0.1", "quantile:0.5"):
+        codes.binary(rule).eliminate_zeros()
+    np.testing.assert_allclose(codes.aggregate("max").toarray(), dense.max(1), rtol=1e-6)
     part = codes.subset(np.array([0, 2, 3]))
     np.testing.assert_array_equal(part.aggregate("max").toarray(), dense.max(1)[[0, 2, 3]])
     np.testing.assert_array_equal(part.images, images[[0, 2, 3]])

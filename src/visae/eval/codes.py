@@ -136,8 +136,10 @@ class ImageCodes:
     raw: np.ndarray | None
 
     def _csr(self, data: np.ndarray) -> sp.csr_matrix:
+        """A matrix of its own: scipy shares the arrays it is built from, and an in-place
+        operation on it (eliminate_zeros) would otherwise rewrite these codes."""
         shape = (len(self.images), self.n_latents)
-        return sp.csr_matrix((data, self.indices, self.indptr), shape=shape)
+        return sp.csr_matrix((data.copy(), self.indices.copy(), self.indptr.copy()), shape=shape)
 
     def aggregate(self, how: str = "max") -> sp.csr_matrix:
         """[N, L] continuous image activations: "max" or "mean" over patches, or "fraction" of
@@ -195,29 +197,32 @@ class ImageCodes:
             vals[j, : len(order)] = v[order]
         return top, vals
 
-    def binary(self, rule: str) -> sp.csr_matrix:
-        """[N, L] bool image-level codes under a rule (see `parse_rule`)."""
+    def binary(self, rule: str, reference: ImageCodes | None = None) -> sp.csr_matrix:
+        """[N, L] bool image-level codes under a rule (see `parse_rule`); a quantile rule's
+        per-latent thresholds come from `reference` (default: these codes), so that codes of
+        other images (pairs) are cut where the scored images' were."""
         kind, param = parse_rule(rule)
         if kind == "any":
             return self._csr(np.ones(len(self.indices), bool))
         if kind == "fraction":
             on = self.count.astype(np.float64) / self.n_patches >= param
             return _keep(self._csr(on))
+        thresholds = (reference or self).quantile_thresholds(param)
+        return _keep(self._csr(self.max > thresholds[self.indices]))
+
+    def quantile_thresholds(self, q: float) -> np.ndarray:
+        """[L] each latent's q-quantile of its max activation over these images, zeros
+        included (the value of rank floor(q N) in ascending order): rare latents get 0."""
         csc = self.aggregate("max").tocsc()
         n = len(self.images)
-        keep = np.zeros(len(csc.data), bool)
+        rank = int(np.floor(q * n))
+        out = np.zeros(self.n_latents, np.float32)
         for j in range(self.n_latents):
             lo, hi = csc.indptr[j], csc.indptr[j + 1]
-            if lo == hi:
-                continue
-            v = csc.data[lo:hi]
-            # the q-quantile over every image, zeros included: rare latents keep all images
             zeros = n - (hi - lo)
-            rank = int(np.floor(param * n))
-            threshold = 0.0 if rank < zeros else np.sort(v)[rank - zeros]
-            keep[lo:hi] = v > threshold
-        csc.data = keep
-        return _keep(csc.tocsr())
+            if rank >= zeros:
+                out[j] = np.partition(csc.data[lo:hi], rank - zeros)[rank - zeros]
+        return out
 
     def patch_region_codes(self, rows: np.ndarray, region_RP: np.ndarray) -> sp.csr_matrix:
         """[R, L] bool: which latents fire on some patch of a region, per (patch image row,
@@ -315,7 +320,7 @@ def parse_rule(rule: str) -> tuple[str, float]:
         if 0.0 < param < 1.0 or (kind == "fraction" and param == 1.0):
             return kind, param
     raise VisaeError(
-        f"image rule {rule!r}: expected any, fraction:F or quantile:Q with 0 < F, Q < 1"
+        f"image rule {rule!r}: expected any, fraction:F (0 < F <= 1) or quantile:Q (0 < Q < 1)"
     )
 
 

@@ -2,10 +2,11 @@
 baselines (an untrained twin, random codes, and for MS the layer's raw neurons), with
 bootstrap intervals and the verdict whether the trained SAE can be told from each baseline.
 
-Writes an evaluation folder: `scores.json` (every number, its interval, the settings and the
-inputs' provenance; written last, so its presence means the folder is complete), the
-per-latent tables `latents_<variant>.csv`, `raw_neurons.csv`, the report card `report.html`,
-and `cache/` (image codes and encoder embeddings, reused by a later run with the same inputs).
+Writes an evaluation folder: the per-latent tables `latents_<variant>.csv` and
+`raw_neurons.csv`, then `scores.json` (every number, its interval, the settings and the inputs'
+provenance: its presence means the scores are complete; a rerun removes it first), then the
+report card `report.html` (rebuilt from the files by `visae.eval.report.write_report`), and
+`cache/` (image codes and encoder embeddings, reused by a later run with the same inputs).
 """
 
 from __future__ import annotations
@@ -152,9 +153,12 @@ def evaluate(
     if not isinstance(store, ActivationStore):
         store = ActivationStore.open(store, progress=progress)
     layer, tokens = resolve_pair(sae, store, layer)
+    if analysis is not None:
+        _check_analysis(analysis, sae, store)
     out = Path(out)
     cache = Path(cache) if cache is not None else out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
+    _remove_outputs(out)
     timings: dict[str, float] = {}
     clock = [time.perf_counter()]
 
@@ -199,6 +203,7 @@ def evaluate(
             images=all_images,
             patch=inputs.patch_images,
             raw=variant == "trained",
+            batch=config.batch_images,  # random codes are drawn per batch
         )
 
         def make(source: SAECodes | RandomCodes = source, variant: str = variant) -> ImageCodes:
@@ -223,10 +228,14 @@ def evaluate(
 
     scorer = Scorer(inputs, config, codes, embeddings)
     scores = scorer.run(lap)
+    provenance = _provenance(inputs, config, embeddings)
+    provenance["concepts"]["not_scored"] = scorer.unscored
+    if provenance["pairs"] is not None:
+        provenance["pairs"]["dropped"] += scorer.dropped_pairs
     result = {
         "schema": SCHEMA,
         "visae_version": __version__,
-        "inputs": _provenance(inputs, config, embeddings),
+        "inputs": provenance,
         "settings": _settings(config, variants),
         **scores,
         "timings": timings,
@@ -245,6 +254,31 @@ def evaluate(
     if analysis is not None:
         add_to_analysis(evaluation, analysis)
     return evaluation
+
+
+OUTPUTS = ("scores.json", "report.html", "raw_neurons.csv", *(f"latents_{v}.csv" for v in VARIANTS))
+
+
+def _remove_outputs(out: Path) -> None:
+    """A rerun first removes what an earlier run wrote (scores.json first: until the new one
+    is written the folder reads as unfinished), so no file of the old run survives beside it."""
+    import shutil
+
+    for name in OUTPUTS:
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "plots", ignore_errors=True)
+
+
+def _check_analysis(path: str | Path, sae: SAE, store: ActivationStore) -> None:
+    """Refuse an analysis of another SAE or other images before any work is done."""
+    from visae.analysis import Analysis
+
+    meta = Analysis.load(path).meta
+    if meta["sae"].get("config") != sae.cfg.to_dict():
+        raise VisaeError(f"analysis {path} is of another SAE (its config differs)")
+    fingerprint = (meta.get("store") or {}).get("dataset_fingerprint")
+    if fingerprint != store.dataset.get("fingerprint"):
+        raise VisaeError(f"analysis {path} was made on other images than store {store.path}")
 
 
 def _uses(sae: SAE) -> tuple[str, ...]:
@@ -434,6 +468,8 @@ def _provenance(
 
 def _settings(config: EvalConfig, variants: tuple[str, ...]) -> dict[str, Any]:
     s = asdict(config)
+    for name in ("concepts", "pairs", "taxonomy", "encoder"):
+        s[name] = s[name] or "auto"  # what auto resolved to is under inputs
     s["variants"] = list(variants)
     s["image_codes"] = config.image_rule
     s["top_images"] = config.top_images

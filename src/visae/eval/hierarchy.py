@@ -371,10 +371,16 @@ def matryoshka_boundaries(n_latents: int, fractions: Sequence[float]) -> list[in
     return list(cfg.matryoshka_sizes())
 
 
-def group_means(values_L: np.ndarray, boundaries: Sequence[int]) -> list[dict[str, Any]]:
+def group_means(
+    values_L: np.ndarray,
+    boundaries: Sequence[int],
+    n_resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
     """Per Matryoshka group [start, stop): `start`, `stop`, `n_latents`, `n` (defined, non-NaN
-    latents), `mean` over them (None when n = 0) and `ci`, the bootstrap 95% interval [lo, hi]
-    (None when n < 2), JSON-ready."""
+    latents), `mean` over them (None when n = 0) and `ci`, the percentile-bootstrap interval
+    [lo, hi] at `level` (None when n < 2), JSON-ready."""
     values = np.asarray(values_L, dtype=np.float64)
     if values.ndim != 1:
         raise VisaeError(f"values must be one per latent, got shape {values.shape}")
@@ -396,7 +402,7 @@ def group_means(values_L: np.ndarray, boundaries: Sequence[int]) -> list[dict[st
         defined = group[~np.isnan(group)]
         mean, ci = None, None
         if len(defined) >= 2:
-            mean, lo, hi = bootstrap_ci(defined)
+            mean, lo, hi = bootstrap_ci(defined, np.mean, n_resamples, level, seed)
             ci = [lo, hi]
         elif len(defined) == 1:
             mean = float(defined[0])

@@ -816,7 +816,7 @@ def write_report(eval_dir: str | os.PathLike[str]) -> Path:
 
 
 _CSS = """
-body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px;
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1400px;
        padding: 0 1em; color: #222; }
 h1 { font-size: 1.5em; margin-bottom: 0.2em; }
 h2 { font-size: 1.15em; margin-top: 2em; border-bottom: 1px solid #ddd; }
@@ -849,7 +849,7 @@ def _page(ev: ScoreCard, plots: list[Plot]) -> str:
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>visae evaluation: {_e(short_name(ev))}</title>",
         f"<style>{_CSS}</style></head><body>",
-        f"<h1>ScoreCard of {_e(sae['path'])}</h1>",
+        f"<h1>Evaluation of {_e(sae['path'])}</h1>",
         f'<p class="meta">{_e(sae["arch"])} SAE, {sae["n_latents"]} latents{_e(k)}, on '
         f"{_e(sae['tokens'])} tokens of layer {sae['layer']} of {_e(store['backbone'])}; "
         f"{ev.inputs['images']['n']} images of {_e(store['dataset'])}</p>",

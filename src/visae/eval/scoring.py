@@ -68,6 +68,9 @@ class Scorer:
         self.latent_tables: dict[str, list[list[Any]]] = {}
         self.raw_table: list[list[Any]] | None = None
         self.k_max = max(config.k)
+        # what the scores leave out beyond the sources' own exclusions, said in scores.json
+        self.unscored: dict[str, list[str]] = {}
+        self.dropped_pairs: list[str] = []
 
     def add(
         self,
@@ -119,6 +122,9 @@ class Scorer:
         lap("matching (image)")
         patch_match = self._patch_matching()
         lap("matching (patch)")
+        for level, match in (("image", image_match), ("patch", patch_match)):
+            if match:
+                self.unscored[level] = [names[c] for c in match["trained"].excluded]
         curves = {"image": self._curve(image_match)}
         if patch_match:
             curves["patch"] = self._curve(patch_match)
@@ -290,29 +296,36 @@ class Scorer:
         pairs, cfg = self.inputs.pairs, self.config
         if pairs is None or not len(pairs.first_P):
             return []
-        scored = set(image_match["trained"].concepts_C.tolist())
-        ok = np.asarray(
-            [
-                (o < 0 or o in scored) and (n < 0 or n in scored)
-                for o, n in zip(pairs.old_P, pairs.new_P, strict=True)
-            ]
-        )
-        if not ok.any():
-            return []
-        first, second = pairs.first_P[ok], pairs.second_P[ok]
-        old, new = pairs.old_P[ok], pairs.new_P[ok]
         names = self.inputs.concepts.names
-        present = self.inputs.concepts.labels_NC[first]
         per_concept: dict[int, dict[str, Any]] = {}
         levels = {"image": image_match}
         if patch_match:
             levels["patch"] = patch_match
         for level, match in levels.items():
+            # a concept without positives at this level has no coalition: its pairs are left out
+            scored = set(match["trained"].concepts_C.tolist())
+            ok = np.asarray(
+                [
+                    (o < 0 or o in scored) and (n < 0 or n in scored)
+                    for o, n in zip(pairs.old_P, pairs.new_P, strict=True)
+                ]
+            )
+            for p in np.flatnonzero(~ok):
+                self.dropped_pairs.append(
+                    f"pair {pairs.pair_ids[p]!r}: not in the {level}-level TAPAScore (a concept "
+                    f"of it has no positive {level} among the scored images)"
+                )
+            if not ok.any():
+                continue
+            first, second = pairs.first_P[ok], pairs.second_P[ok]
+            old, new = pairs.old_P[ok], pairs.new_P[ok]
+            present = self.inputs.concepts.labels_NC[first]
             results = {}
             for v, c in self.codes.items():
                 coalitions = match[v].coalitions(cfg.headline_k)
                 if level == "image":
-                    binary = c.binary(cfg.image_rule)
+                    scored_codes = c.subset(np.searchsorted(c.images, self.inputs.eval_images))
+                    binary = c.binary(cfg.image_rule, reference=scored_codes)
                     rows = np.searchsorted(c.images, first), np.searchsorted(c.images, second)
                     a, b = binary[rows[0]], binary[rows[1]]
                 else:
@@ -448,7 +461,11 @@ class Scorer:
         if not fractions:
             return []
         bounds = matryoshka_boundaries(self.inputs.sae.n_latents, fractions)
-        per_variant = {v: group_means(d["lca_depth"], bounds) for v, d in self.per_latent.items()}
+        cfg = self.config
+        per_variant = {
+            v: group_means(d["lca_depth"], bounds, cfg.n_resamples, cfg.level, cfg.seed)
+            for v, d in self.per_latent.items()
+        }
         groups = []
         for g, trained in enumerate(per_variant["trained"]):
             entry = {"group": g, "start": trained["start"], "stop": trained["stop"]}
