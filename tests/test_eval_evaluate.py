@@ -295,3 +295,25 @@ def test_bad_inputs_are_one_line_errors(planted: Planted, tmp_path: Path) -> Non
     (tmp_path / "scores.json").write_text(json.dumps({"schema": "other"}))
     with pytest.raises(VisaeError, match="schema"):
         Evaluation.load(tmp_path)
+
+
+def test_a_shared_cache_serves_another_folder(planted: Planted, tmp_path: Path) -> None:
+    config = EvalConfig(
+        image_rule="any",
+        encoder="none",
+        n_resamples=100,
+        min_positives=3,
+        baselines=(),
+        pairs="none",
+    )
+    shared = tmp_path / "shared"
+    first = evaluate(
+        planted.sae_dir, planted.store, tmp_path / "a" / "ev", config, cache=shared, progress=False
+    )
+    second = evaluate(
+        planted.sae_dir, planted.store, tmp_path / "b" / "ev", config, cache=shared, progress=False
+    )
+    assert len(list(shared.glob("codes-trained-*.npz"))) == 1
+    assert not (tmp_path / "a" / "ev" / "cache").exists()
+    assert first.score("match@3") == second.score("match@3")
+    assert first.scores["settings"]["variants"] == ["trained"]

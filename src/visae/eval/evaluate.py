@@ -156,6 +156,7 @@ def evaluate(
     if analysis is not None:
         _check_analysis(analysis, sae, store)
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache) if cache is not None else out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     _remove_outputs(out)

@@ -32,7 +32,9 @@ class Head(ABC):
     outputs: str  # "logits" | "probabilities"
 
     @abstractmethod
-    def _read(self, backbone: Backbone, recorded: torch.Tensor | None, output: object) -> torch.Tensor:
+    def _read(
+        self, backbone: Backbone, recorded: torch.Tensor | None, output: object
+    ) -> torch.Tensor:
         """The head's output from the recorded tokens of `layer` (or the model output)."""
 
     @torch.inference_mode()

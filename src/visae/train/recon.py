@@ -45,7 +45,7 @@ class ReconReport:
         return "\n".join(lines)
 
 
-def _choose_images(sae: SAE, store: ActivationStore, images: str) -> tuple[np.ndarray, str]:
+def choose_images(sae: SAE, store: ActivationStore, images: str) -> tuple[np.ndarray, str]:
     """(store image ids, a description of the set) for `images` in IMAGE_SETS."""
     if images not in IMAGE_SETS:
         raise VisaeError(f"images must be one of {', '.join(IMAGE_SETS)}, not {images!r}")
@@ -97,7 +97,7 @@ def eval_recon(
     if not isinstance(store, ActivationStore):
         store = ActivationStore.open(store, progress=progress)
     layer, tokens = resolve_pair(sae, store, layer, tokens)
-    ids, what = _choose_images(sae, store, images)
+    ids, what = choose_images(sae, store, images)
     if max_images is not None:
         if max_images < 1:
             raise VisaeError(f"max_images must be positive, not {max_images}")
