@@ -21,6 +21,12 @@ from visae.eval.commands import (
     run_compare,
     run_evaluate,
 )
+from visae.intervene.commands import (
+    add_intervene_arguments,
+    add_study_arguments,
+    run_intervene,
+    run_study_command,
+)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -490,6 +496,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="one table and plot across several evaluations")
     add_compare_arguments(p)
     p.set_defaults(handler=run_compare)
+
+    p = sub.add_parser(
+        "intervene",
+        help="edit SAE latents on one image; a head's output before and after",
+        description="Edit SAE latents inside the model (error term kept, or --mode replace) on "
+        "one image and print what a head outputs before and after; writes a before/after PNG.",
+    )
+    add_intervene_arguments(p)
+    p.set_defaults(handler=run_intervene)
+
+    p = sub.add_parser(
+        "intervene-study",
+        help="suppress/amplify matched latents on held-out images vs random controls",
+        description="For latents matched to concepts, set each to multiples of its max "
+        "activation on held-out images and compare how often a head's output changes on the "
+        "concept's target vs elsewhere, beside frequency-matched random latents.",
+    )
+    add_study_arguments(p)
+    p.set_defaults(handler=run_study_command)
 
     p = sub.add_parser("view", help="browse analyses in a local web app, or export it as files")
     p.add_argument("analyses", nargs="+", help="one analysis folder, or two side by side")

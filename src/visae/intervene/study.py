@@ -1,0 +1,457 @@
+"""The intervention study (Stevens et al.): for latents matched to concepts, set the latent on
+every patch token of held-out images to multiples of its maximum activation (0 suppresses it)
+and measure how often a downstream head's output changes on the concept's target (its patches
+for a dense head, its images for a classification head) against everywhere else, beside random
+latents matched in firing frequency, with bootstrap intervals over latents.
+
+Change, per head kind: a classification head's top-1 class changes on an image; a dense head
+with several channels (a segmentation probe) changes a patch's argmax class; a one-channel dense
+head (saliency) moves a patch's value by more than `dense_threshold`. Dense outputs are
+averaged onto the concept labels' patch grid first.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from visae.atomic import write_bytes, write_text
+from visae.errors import VisaeError
+from visae.intervene.apply import MaxActivations, intervene
+from visae.intervene.edits import Edit, Region
+
+if TYPE_CHECKING:
+    from visae.backbones import Backbone
+    from visae.eval.sources import ConceptLabels
+    from visae.heads import Head
+    from visae.sae import SAE
+    from visae.store import ActivationStore
+
+SCHEMA = "visae.intervention-study/1"
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """`values`: the dose-response grid, in units of each latent's max activation (the latent
+    is set to v x max on every patch token; 0 ablates it); `suppress` and `amplify` are the two
+    headline doses. `max_latents` matched latents (best F1 first, one per concept, F1 at least
+    `min_f1`), `controls` random latents per matched one, `images` per group (target, other)."""
+
+    values: tuple[float, ...] = (-2.0, -1.0, 0.0, 1.0, 2.0, 4.0)
+    suppress: float = 0.0
+    amplify: float = 2.0
+    max_latents: int = 10
+    min_f1: float = 0.2
+    controls: int = 1
+    images: int = 8
+    dense_threshold: float = 0.1
+    n_resamples: int = 1000
+    level: float = 0.95
+    seed: int = 0
+    batch_images: int = 16
+
+    def __post_init__(self) -> None:
+        for dose in (self.suppress, self.amplify):
+            if dose not in self.values:
+                raise VisaeError(f"dose {dose} must be one of the values {self.values}")
+        for name in ("max_latents", "images", "batch_images", "n_resamples"):
+            if getattr(self, name) < 1:
+                raise VisaeError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.controls < 0:
+            raise VisaeError(f"controls must be >= 0, not {self.controls}")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A latent to edit and the concept whose patches or images are its target."""
+
+    latent: int
+    concept: str
+    f1: float | None = None
+    frequency: float | None = None
+    control_of: int | None = None  # the matched latent a random control stands beside
+
+
+def matched_latents(evaluation: str | Path, config: StudyConfig) -> list[Target]:
+    """The best latent per concept from an evaluation's `latents_trained.csv` (F1 >= min_f1),
+    best F1 first."""
+    path = Path(evaluation) / "latents_trained.csv"
+    if not path.is_file():
+        raise VisaeError(f"{evaluation} is not an evaluation folder (no latents_trained.csv)")
+    with open(path, encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["concept"] and r["concept_f1"]]
+    best: dict[str, dict[str, str]] = {}
+    for r in rows:
+        if float(r["concept_f1"]) >= config.min_f1 and (
+            r["concept"] not in best
+            or float(r["concept_f1"]) > float(best[r["concept"]]["concept_f1"])
+        ):
+            best[r["concept"]] = r
+    chosen = sorted(best.values(), key=lambda r: -float(r["concept_f1"]))[: config.max_latents]
+    if not chosen:
+        raise VisaeError(f"no latent of {evaluation} matches a concept with F1 >= {config.min_f1}")
+    return [
+        Target(int(r["latent"]), r["concept"], float(r["concept_f1"]), float(r["frequency"]))
+        for r in chosen
+    ]
+
+
+def latent_frequency(evaluation: str | Path) -> np.ndarray:
+    """[L] each latent's image firing frequency, from an evaluation's per-latent table."""
+    path = Path(evaluation) / "latents_trained.csv"
+    if not path.is_file():
+        raise VisaeError(f"{evaluation} is not an evaluation folder (no latents_trained.csv)")
+    with open(path, encoding="utf-8") as f:
+        return np.asarray([float(r["frequency"] or 0) for r in csv.DictReader(f)])
+
+
+def frequency_controls(
+    targets: list[Target], frequency: np.ndarray, config: StudyConfig
+) -> list[Target]:
+    """Per matched latent, `controls` other live latents of the nearest firing frequency
+    (random among equally near ones, seeded), edited on the same concept's images."""
+    rng = np.random.default_rng(config.seed)
+    taken = {t.latent for t in targets}
+    out = []
+    for t in targets:
+        f = frequency[t.latent]
+        pool = np.asarray([j for j in np.flatnonzero(frequency > 0) if j not in taken])
+        if not len(pool):
+            break
+        order = np.lexsort((rng.random(len(pool)), np.abs(frequency[pool] - f)))
+        for j in pool[order[: config.controls]]:
+            taken.add(int(j))
+            out.append(Target(int(j), t.concept, None, float(frequency[j]), control_of=t.latent))
+    return out
+
+
+class _Group:
+    """Images of one group with their unedited head output, preprocessed once."""
+
+    def __init__(self, images: np.ndarray, pixels: torch.Tensor, labels: np.ndarray | None):
+        self.images, self.pixels, self.labels = images, pixels, labels
+
+
+def run_study(
+    backbone: Backbone,
+    sae: SAE,
+    head: Head,
+    store: ActivationStore,
+    concepts: ConceptLabels,
+    targets: list[Target],
+    out: str | Path,
+    config: StudyConfig | None = None,
+    *,
+    max_acts: MaxActivations,
+    frequency: np.ndarray | None = None,
+    images: np.ndarray | None = None,
+    images_rule: str = "all images",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the study (module docstring) and write `out/study.json` and `out/study.html`."""
+    from visae.store import open_dataset
+
+    config = config or StudyConfig()
+    layer = int(sae.checkpoint_info.get("layer", -1))
+    head.check_reads_after(layer)
+    dataset = open_dataset(store, progress=False)
+    meta = store.metadata()
+    pool = np.arange(store.n_images) if images is None else np.asarray(images)
+    grid = store.layout(layer).grid
+    dense = head.kind == "dense"
+    if dense and not concepts.has_masks:
+        raise VisaeError(f"a dense head needs concepts with masks; {concepts.source} has none")
+    n_patches = grid[0] * grid[1]
+    region = Region("patches", tuple(range(n_patches)))
+    controls: list[Target] = []
+    if config.controls:
+        if frequency is None:
+            raise VisaeError("random controls need each latent's frequency (from an evaluation)")
+        controls = frequency_controls(targets, frequency, config)
+    rng = np.random.default_rng(config.seed)
+    results = []
+    bar = tqdm(
+        total=len(targets) + len(controls),
+        unit="latent",
+        desc="intervention study",
+        disable=not progress,
+    )
+    groups_of: dict[str, tuple[_Group, _Group]] = {}
+    for t in [*targets, *controls]:
+        if t.concept not in groups_of:
+            groups_of[t.concept] = _groups(
+                t.concept, concepts, pool, meta, dataset, backbone, layer, config, rng, dense
+            )
+        target_group, other_group = groups_of[t.concept]
+        rates = {}
+        for value in config.values:
+            edit = Edit((t.latent,), "set", value, relative=True, region=region)
+            rates[value] = {
+                "target": _change_rate(
+                    backbone, sae, head, edit, target_group, max_acts, config, on_target=True
+                ),
+                "other": _change_rate(
+                    backbone,
+                    sae,
+                    head,
+                    edit,
+                    other_group if not dense else target_group,
+                    max_acts,
+                    config,
+                    on_target=False,
+                ),
+            }
+        results.append(
+            {
+                **asdict(t),
+                "n_target": len(target_group.images),
+                "n_other": len(other_group.images),
+                "rates": rates,
+            }
+        )
+        bar.update(1)
+    bar.close()
+    doc = {
+        "schema": SCHEMA,
+        "inputs": {
+            "sae": str(sae.checkpoint_info.get("path", "")),
+            "layer": layer,
+            "backbone": backbone.name,
+            "head": {"name": head.name, "kind": head.kind, "layer": head.layer},
+            "concepts": concepts.source,
+            "images": images_rule,
+            "target": "the concept's labelled patches (other: the rest of the same images)"
+            if dense
+            else "images with the concept (other: images without it)",
+        },
+        "settings": asdict(config),
+        "latents": results,
+        "summary": _summary(results, config),
+    }
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "study.json", json.dumps(_finite(doc), indent=1) + "\n")
+    plot = _plot(doc, out)
+    write_text(out / "study.html", _page(doc, plot))
+    return doc
+
+
+def _groups(
+    concept: str,
+    concepts: ConceptLabels,
+    pool: np.ndarray,
+    meta: list[dict[str, Any]],
+    dataset: Any,
+    backbone: Backbone,
+    layer: int,
+    config: StudyConfig,
+    rng: np.random.Generator,
+    dense: bool,
+) -> tuple[_Group, _Group]:
+    """(images with the concept, images without it), at most `images` each, seeded; for a dense
+    head the concept's patch labels on the target images."""
+    c = concepts.names.index(concept)
+    has = concepts.labels_NC[pool, c]
+    groups = []
+    for chosen in (pool[has], pool[~has]):
+        if len(chosen) > config.images:
+            chosen = np.sort(rng.choice(chosen, config.images, replace=False))
+        pixels = (
+            backbone.preprocess(
+                [dataset.image(int(meta[i].get("dataset_index", i))) for i in chosen]
+            )
+            if len(chosen)
+            else torch.zeros(0)
+        )
+        labels = None
+        if dense and len(chosen):
+            grid = backbone.layout(layer).grid
+            labels = (
+                concepts.patch_labels(chosen, layer)[:, c].toarray().reshape(len(chosen), *grid)
+            )
+        groups.append(_Group(chosen, pixels, labels))
+    if not len(groups[0].images):
+        raise VisaeError(f"no image among those studied has concept {concept!r}")
+    return groups[0], groups[1]
+
+
+def _outputs(backbone: Backbone, head: Head, pixels: torch.Tensor, batch: int) -> torch.Tensor:
+    return torch.cat([head(backbone, pixels[i : i + batch]) for i in range(0, len(pixels), batch)])
+
+
+def _change_rate(
+    backbone: Backbone,
+    sae: SAE,
+    head: Head,
+    edit: Edit,
+    group: _Group,
+    max_acts: MaxActivations,
+    config: StudyConfig,
+    on_target: bool,
+) -> float | None:
+    """Fraction of target (or other) units whose head output changes under the edit."""
+    if not len(group.images):
+        return None
+    before = _outputs(backbone, head, group.pixels, config.batch_images)
+    with intervene(backbone, sae, [edit], max_acts=max_acts):
+        after = _outputs(backbone, head, group.pixels, config.batch_images)
+    if head.kind == "classification":
+        return float((before.argmax(1) != after.argmax(1)).float().mean())
+    grid = group.labels.shape[1:]
+    b = torch.nn.functional.adaptive_avg_pool2d(before.float(), grid)
+    a = torch.nn.functional.adaptive_avg_pool2d(after.float(), grid)
+    changed = (
+        (b.argmax(1) != a.argmax(1))
+        if b.shape[1] > 1
+        else ((a - b).abs()[:, 0] > config.dense_threshold)
+    ).numpy()
+    mask = group.labels if on_target else ~group.labels
+    return float(changed[mask].mean()) if mask.any() else None
+
+
+def _summary(results: list[dict[str, Any]], config: StudyConfig) -> dict[str, Any]:
+    """Per headline dose: matched and control latents' target and other change rates with
+    intervals, the selectivity (target - other) of each, and whether matched latents are more
+    selective than the controls (interval of the difference excludes 0)."""
+    from visae.eval.bootstrap import bootstrap_ci, difference_ci
+
+    def items(kind: str, value: float, control: bool) -> np.ndarray:
+        rows = [r for r in results if (r["control_of"] is not None) == control]
+        vals = [r["rates"][value][kind] for r in rows]
+        return np.asarray([v if v is not None else math.nan for v in vals], dtype=float)
+
+    def ci(x: np.ndarray) -> dict[str, Any]:
+        x = x[~np.isnan(x)]
+        if len(x) < 2:
+            return {"value": float(x.mean()) if len(x) else None, "ci": None, "n": len(x)}
+        m, lo, hi = bootstrap_ci(x, np.mean, config.n_resamples, config.level, config.seed)
+        return {"value": m, "ci": [lo, hi], "n": len(x)}
+
+    out: dict[str, Any] = {}
+    for name, value in (("suppress", config.suppress), ("amplify", config.amplify)):
+        entry: dict[str, Any] = {"value": value}
+        for group, control in (("matched", False), ("controls", True)):
+            t, o = items("target", value, control), items("other", value, control)
+            entry[group] = {"target": ci(t), "other": ci(o), "selectivity": ci(t - o)}
+        m = items("target", value, False) - items("other", value, False)
+        c = items("target", value, True) - items("other", value, True)
+        m, c = m[~np.isnan(m)], c[~np.isnan(c)]
+        if len(m) >= 2 and len(c) >= 2:
+            d, lo, hi = difference_ci(m, c, np.mean, config.n_resamples, config.level, config.seed)
+            entry["matched_minus_controls"] = {
+                "value": d,
+                "ci": [lo, hi],
+                "separates": bool(lo > 0 or hi < 0),
+            }
+        out[name] = entry
+    return out
+
+
+def _plot(doc: dict[str, Any], out: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = doc["settings"]["values"]
+    fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=100)
+    for control, color in ((False, "#3b6ea8"), (True, "#8a8a8a")):
+        rows = [r for r in doc["latents"] if (r["control_of"] is not None) == control]
+        if not rows:
+            continue
+        for kind, style in (("target", "-"), ("other", "--")):
+            ys = [_mean([r["rates"][v][kind] for r in rows]) for v in values]
+            name = "random controls" if control else "matched latents"
+            ax.plot(values, ys, style, color=color, marker="o", label=f"{name}, {kind}")
+    ax.set_xlabel("latent set to v x its max activation (0 = ablated)")
+    ax.set_ylabel("change rate of the head")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    write_bytes(out / "dose_response.png", buf.getvalue())
+    return "dose_response.png"
+
+
+def _page(doc: dict[str, Any], plot: str) -> str:
+    import html
+
+    def cell(v: dict[str, Any] | None) -> str:
+        if not v or v.get("value") is None:
+            return "-"
+        ci = v.get("ci")
+        return f"{v['value']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+    rows = []
+    for name, entry in doc["summary"].items():
+        for group in ("matched", "controls"):
+            g = entry[group]
+            rows.append(
+                f"<tr><td>{name} (v = {entry['value']:g})</td><td>{group}</td>"
+                f"<td>{cell(g['target'])}</td><td>{cell(g['other'])}</td>"
+                f"<td>{cell(g['selectivity'])}</td></tr>"
+            )
+        diff = entry.get("matched_minus_controls")
+        if diff:
+            verdict = "separates" if diff["separates"] else "NOT distinguishable from controls"
+            rows.append(
+                f"<tr><td colspan=4>{name}: matched - controls selectivity</td>"
+                f"<td>{cell(diff)} ({verdict})</td></tr>"
+            )
+    latents = "".join(
+        f"<tr><td>{r['latent']}</td><td>{html.escape(r['concept'])}</td>"
+        f"<td>{'control of ' + str(r['control_of']) if r['control_of'] is not None else 'matched'}"
+        f"</td>"
+        + "".join(
+            f"<td>{_pct(r['rates'][v]['target'])} / {_pct(r['rates'][v]['other'])}</td>"
+            for v in doc["settings"]["values"]
+        )
+        + "</tr>"
+        for r in doc["latents"]
+    )
+    heads = "".join(f"<th>v = {v:g}</th>" for v in doc["settings"]["values"])
+    inputs = html.escape(json.dumps(doc["inputs"], indent=1))
+    return (
+        "<!doctype html><meta charset=utf-8><title>visae intervention study</title>"
+        "<style>body{font:14px system-ui,sans-serif;margin:2em auto;max-width:1100px}"
+        "td,th{border-bottom:1px solid #ddd;padding:3px 8px;text-align:left}"
+        "table{border-collapse:collapse}</style>"
+        "<h1>Intervention study</h1>"
+        f"<pre>{inputs}</pre>"
+        "<h2>Change rates (target / other), with 95% intervals over latents</h2>"
+        "<table><tr><th>dose</th><th>latents</th><th>target</th><th>other</th>"
+        f"<th>selectivity (target - other)</th></tr>{''.join(rows)}</table>"
+        f"<h2>Dose response</h2><img src='{plot}' alt='dose response'>"
+        f"<h2>Per latent (target / other)</h2><table><tr><th>latent</th><th>concept</th>"
+        f"<th>kind</th>{heads}</tr>{latents}</table>"
+    )
+
+
+def _mean(values: list[float | None]) -> float:
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else math.nan
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
