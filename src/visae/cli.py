@@ -21,6 +21,7 @@ from visae.eval.commands import (
     run_compare,
     run_evaluate,
 )
+from visae.heads.commands import add_probe_arguments
 from visae.intervene.commands import (
     add_intervene_arguments,
     add_study_arguments,
@@ -496,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="one table and plot across several evaluations")
     add_compare_arguments(p)
     p.set_defaults(handler=run_compare)
+
+    add_probe_arguments(sub)
 
     p = sub.add_parser(
         "intervene",

@@ -133,10 +133,12 @@ class Editor:
         for e, pos in zip(self.edits, self._positions, strict=True):
             pos = pos.to(x.device)
             xs = out[:, pos].reshape(-1, d)
-            codes = sae.encode(xs)
-            latents = torch.tensor(e.latents, device=codes.device)
-            before = codes[:, latents]
-            target = self._value(e, pos, codes.device).repeat(b, 1)
+            # each token's active latents only: no dense [tokens, n_latents] code matrix
+            values, indices = sae.encode_sparse(xs)
+            latents = torch.tensor(e.latents, device=values.device)
+            hit = indices[:, :, None] == latents[None, None, :]
+            before = (values[:, :, None] * hit).sum(dim=1)
+            target = self._value(e, pos, values.device).repeat(b, 1)
             if e.op == "ablate":
                 after = torch.zeros_like(before)
             elif e.op == "set":
@@ -145,16 +147,13 @@ class Editor:
                 after = before * target
             else:
                 after = before + target
+            w = sae.W_dec[latents] * sae.norm_scale
             if self.mode == "replace":
-                codes[:, latents] = after
-                new = sae.decode(codes).to(x.dtype)
+                new = (sae.decode_sparse(values, indices) + (after - before) @ w).to(x.dtype)
+            elif bool((after != before).any()):
+                new = xs + ((after - before) @ w).to(x.dtype)
             else:
-                w = sae.W_dec[latents] * sae.norm_scale
-                new = (
-                    (xs + ((after - before) @ w).to(x.dtype))
-                    if bool((after != before).any())
-                    else xs
-                )
+                new = xs
             out[:, pos] = new.reshape(b, len(pos), d)
         return out
 
