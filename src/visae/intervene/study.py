@@ -135,10 +135,17 @@ def frequency_controls(
 
 
 class _Group:
-    """Images of one group with their unedited head output, preprocessed once."""
+    """Images of one group, preprocessed once, and the head's unedited output on them
+    (computed on first use)."""
 
     def __init__(self, images: np.ndarray, pixels: torch.Tensor, labels: np.ndarray | None):
         self.images, self.pixels, self.labels = images, pixels, labels
+        self._before: torch.Tensor | None = None
+
+    def before(self, backbone: Backbone, head: Head, batch: int) -> torch.Tensor:
+        if self._before is None:
+            self._before = _outputs(backbone, head, self.pixels, batch)
+        return self._before
 
 
 def run_study(
@@ -301,7 +308,7 @@ def _change_rate(
     """Fraction of target (or other) units whose head output changes under the edit."""
     if not len(group.images):
         return None
-    before = _outputs(backbone, head, group.pixels, config.batch_images)
+    before = group.before(backbone, head, config.batch_images)
     with intervene(backbone, sae, [edit], max_acts=max_acts):
         after = _outputs(backbone, head, group.pixels, config.batch_images)
     if head.kind == "classification":
