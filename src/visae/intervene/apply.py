@@ -102,9 +102,12 @@ class Editor:
             if e.relative and max_acts is None:
                 raise VisaeError(f"edit {e.label()} is relative to the max: give an analysis")
         self.max_acts = max_acts
+        from visae.pairing import trained_tokens
+
+        kinds = trained_tokens(sae)
         self._positions = [
             torch.from_numpy(
-                e.region.token_positions(layout.n_cls, layout.n_special, layout.n_patches)
+                e.region.token_positions(layout.n_cls, layout.n_special, layout.n_patches, kinds)
             )
             for e in self.edits
         ]

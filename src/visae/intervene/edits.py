@@ -8,9 +8,9 @@ Operations on a latent's code c (after the SAE's own encoding, e.g. its top-k):
 - `ablate`: c' = 0.
 A value is absolute, or relative: in units of the latent's maximum observed activation (from
 an analysis artifact: `max_patch` for patch tokens, `max_cls` for the CLS token), e.g. saev's
--2x max. A region chooses the tokens: every token, the CLS token only, a list of patches, or a
-pixel mask mapped onto the patch grid (a patch is in when the mask covers at least half of it,
-the rule concept labels use).
+-2x max. A region chooses the tokens: every token the SAE reads (its patch tokens for a patch
+SAE), the CLS token only, a list of patches, or a pixel mask mapped onto the patch grid (a
+patch is in when the mask covers at least half of it, the rule concept labels use).
 """
 
 from __future__ import annotations
@@ -48,13 +48,19 @@ class Region:
         if self.kind == "patches" and not self.patches:
             raise VisaeError("a patches region needs at least one patch")
 
-    def token_positions(self, n_cls: int, n_special: int, n_patches: int) -> np.ndarray:
-        """Positions in the model's token sequence [CLS, registers, patches]."""
-        if self.kind == "cls":
+    def token_positions(
+        self, n_cls: int, n_special: int, n_patches: int, trained_on: str | None = None
+    ) -> np.ndarray:
+        """Positions in the model's token sequence [CLS, registers, patches]. `all` is every
+        token of the kinds the SAE was trained on (`trained_on`: patch, cls, all; None: all):
+        an SAE never saw the other kinds, and its codes there mean nothing."""
+        if self.kind == "cls" or (self.kind == "all" and trained_on == "cls"):
             if not n_cls:
                 raise VisaeError("region cls: this layer has no CLS token")
             return np.zeros(1, np.int64)
         if self.kind == "all":
+            if trained_on == "patch":
+                return n_special + np.arange(n_patches, dtype=np.int64)
             return np.arange(n_special + n_patches, dtype=np.int64)
         bad = [p for p in self.patches if not 0 <= p < n_patches]
         if bad:
