@@ -225,3 +225,15 @@ def test_intervene_study_writes_rates_beside_controls(
             assert all(v is None or 0 <= v <= 1 for v in rate.values())
     assert {c["control_of"] for c in controls} == {m["latent"] for m in matched}
     assert (out / "study.html").is_file() and (out / "dose_response.png").is_file()
+
+
+def test_view_edit_panel_flags_are_checked(
+    chain: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    an = str(chain["analysis"])
+    for extra, msg in (
+        (["--export", str(chain["root"] / "web"), "--model", "efficientnet-lite0"], "read-only"),
+        (["--model", "efficientnet-lite0"], "both --model and --head"),
+    ):
+        code, _, err = run(capsys, "view", an, *extra)
+        assert code == 2 and msg in err and err.count("\n") == 1

@@ -21,6 +21,7 @@ from visae.eval.commands import (
     run_compare,
     run_evaluate,
 )
+from visae.heads import HEADS_HELP
 from visae.heads.commands import add_probe_arguments
 from visae.intervene.commands import (
     add_intervene_arguments,
@@ -218,13 +219,23 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _cmd_view(args: argparse.Namespace) -> int:
-    from visae.viewer import export_static, serve
+    from visae.viewer import LiveModel, export_static, serve
 
+    live_flags = args.model or args.head or args.sae
     if args.export:
+        if live_flags:
+            raise VisaeError("--export writes a read-only browser: drop --model, --head and --sae")
         root = export_static(args.analyses, args.export, overwrite=args.overwrite)
         print(f"static browser written; open {Path(root).resolve() / 'index.html'}")
         return 0
-    serve(args.analyses, host=args.host, port=args.port, open_browser=args.open)
+    if live_flags and not (args.model and args.head):
+        raise VisaeError("the edit panel needs both --model and --head")
+    live = (
+        LiveModel.load(args.model, args.head, sae=args.sae, device=args.device)
+        if args.head
+        else None
+    )
+    serve(args.analyses, host=args.host, port=args.port, open_browser=args.open, live=live)
     return 0
 
 
@@ -577,6 +588,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--open", action="store_true", help="open a web browser")
     p.add_argument("--export", help="write the pages as static files to this folder instead")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    p.add_argument("--model", help="backbone for the image pages' edit panel (needs --head)")
+    p.add_argument("--head", help=HEADS_HELP + " (with --model: adds the edit panel)")
+    p.add_argument(
+        "--sae", help="SAE checkpoint if the analysis's recorded one moved (one analysis)"
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     p.set_defaults(handler=_cmd_view)
     p = sub.add_parser(
         "demo",

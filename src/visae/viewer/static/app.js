@@ -563,21 +563,289 @@
       p.n = slider.value;
       history.replaceState(null, "", "#/image/" + a + "/" + img + "?" + new URLSearchParams(p));
     });
+    // the edit panel: served with a live model that can edit this analysis (never static)
+    const live = !STATIC && index.live && Object.hasOwn(index.live.analyses, String(a)) ? index.live : null;
+    const editor = live ? editPanel(live, meta, docs[0], shs[0]) : null;
     const panels = ids.map((i, k) => imagePanel(index.analyses[i], docs[k], shs[k], x, y, n, i === a ? focus : null, (nx, ny) => {
       const p = Object.fromEntries(params);
       p.x = nx.toFixed(4);
       p.y = ny.toFixed(4);
       p.n = slider.value;
       go("image/" + a + "/" + img, p);
-    }));
+    }, i === a && editor ? editor.add : null));
     app.replaceChildren(
       h("div", { class: "controls" }, h("h2", {}, "Image " + img),
         h("label", { class: "slider" }, "latents per patch", slider, sliderLabel),
         x === null ? h("span", { class: "muted" }, "click a patch to list the latents that fire there") : null),
-      h("div", { class: "columns" }, panels.map((p) => p.el)));
+      h("div", { class: "columns" }, panels.map((p) => p.el)),
+      editor ? editor.el : null);
+    if (editor) editor.send();
   }
 
-  function imagePanel(meta, doc, sh, x, y, n, focus, onPick) {
+  // ---------- edit panel (served with a live model) ----------
+
+  // per analysis/image: the edit being built, kept while the page re-renders (a patch click)
+  const editStates = new Map();
+  // the slider's span (set: multiples of the max; scale: factors); typed values go to the limit
+  const VALUE_RANGE = [-2, 4];
+  // colours of segmentation classes (class 0, background, is left clear)
+  const CLASS_COLORS = [[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
+    [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207]];
+
+  function editState(a, img) {
+    const key = a + "/" + img;
+    if (!editStates.has(key)) editStates.set(key, { latents: [], op: "set", value: 0, patches: new Set(), last: null });
+    return editStates.get(key);
+  }
+
+  function classColor(c) {
+    return CLASS_COLORS[(c - 1 + CLASS_COLORS.length) % CLASS_COLORS.length];
+  }
+
+  // the panel of analysis `meta` on image `doc.image`: latents, operation, value, region brush,
+  // and the head's output before and after, recomputed by the server on every change
+  function editPanel(live, meta, doc, sh) {
+    const a = meta.id;
+    const img = doc.image;
+    const [gh, gw] = doc.grid;
+    const nLatents = meta.sae.n_latents;
+    const st = editState(a, img);
+    const info = imageInfo(sh, img);
+    const head = live.head;
+    const el = h("section", { class: "panel edit-panel", dataset: { analysis: a, state: "idle", requests: 0 } });
+
+    const chips = h("div", { class: "edit-latents" });
+    const latentInput = h("input", { type: "text", class: "edit-latent-input", placeholder: "latent ids, e.g. 12, 40", size: 18 });
+    const addButton = h("button", { class: "edit-latent-add" }, "add");
+    const inputError = h("span", { class: "error edit-input-error" });
+    const op = h("select", { class: "edit-op", title: "set: the latent's code becomes value × its max activation; scale: its code times value; ablate: 0" },
+      live.ops.map((o) => h("option", { value: o, selected: o === st.op }, o)));
+    const value = h("input", { type: "range", class: "edit-value", step: 0.05 });
+    const valueText = h("input", { type: "number", class: "edit-value-text", step: 0.05, min: -live.value_limit, max: live.value_limit });
+    const valueUnit = h("span", { class: "muted edit-unit" });
+    const brush = heatCanvas(doc.grid, "brush");
+    const regionText = h("span", { class: "muted edit-region" });
+    const clear = h("button", { class: "edit-clear" }, "every token");
+    const status = h("div", { class: "meta edit-status" });
+    const before = h("div", { class: "edit-before" });
+    const after = h("div", { class: "edit-after" });
+
+    function drawChips() {
+      chips.replaceChildren(...(st.latents.length ? st.latents.map((j) => h("span", { class: "chip", dataset: { latent: j } },
+        h("a", { href: "#/latent/" + a + "/" + j }, "latent " + j),
+        h("button", { class: "chip-remove", title: "remove", onclick: () => { st.latents = st.latents.filter((x) => x !== j); drawChips(); send(); } }, "×")))
+        : [h("span", { class: "muted" }, "no latent: pick one with “edit” in the patch list, or type ids")]));
+    }
+
+    function drawValue() {
+      [value.min, value.max] = VALUE_RANGE;
+      value.value = st.value;
+      valueText.value = st.value;
+      value.disabled = valueText.disabled = st.op === "ablate";
+      valueUnit.textContent = st.op === "set" ? "× max activation (0 = ablate)" : st.op === "scale" ? "× its code (1 = unchanged)" : "code set to 0";
+    }
+
+    function drawBrush() {
+      const ctx = brush.getContext("2d");
+      const cw = brush.width / gw, ch = brush.height / gh;
+      ctx.clearRect(0, 0, brush.width, brush.height);
+      ctx.fillStyle = "rgba(0, 229, 255, 0.45)";
+      for (const p of st.patches) ctx.fillRect((p % gw) * cw, Math.floor(p / gw) * ch, cw, ch);
+      ctx.strokeStyle = "rgba(255,255,255,0.25)";
+      ctx.lineWidth = 1;
+      for (let c = 1; c < gw; c++) { ctx.beginPath(); ctx.moveTo(c * cw, 0); ctx.lineTo(c * cw, brush.height); ctx.stroke(); }
+      for (let r = 1; r < gh; r++) { ctx.beginPath(); ctx.moveTo(0, r * ch); ctx.lineTo(brush.width, r * ch); ctx.stroke(); }
+      regionText.textContent = st.patches.size ? st.patches.size + " of " + gw * gh + " patches" : "every token";
+      el.dataset.patches = [...st.patches].sort((x, y) => x - y).join(",");
+    }
+
+    function add(j) {
+      if (st.latents.includes(j)) return;
+      if (st.latents.length >= live.max_latents) {
+        inputError.textContent = "at most " + live.max_latents + " latents";
+        return;
+      }
+      inputError.textContent = "";
+      st.latents.push(j);
+      drawChips();
+      send();
+    }
+
+    function addTyped() {
+      const items = latentInput.value.split(/[\s,]+/).filter(Boolean);
+      const bad = items.find((t) => !/^\d+$/.test(t) || Number(t) >= nLatents);
+      if (bad !== undefined) {
+        inputError.textContent = "not a latent id (0.." + (nLatents - 1) + "): " + bad;
+        return;
+      }
+      inputError.textContent = "";
+      latentInput.value = "";
+      items.forEach((t) => { if (!st.latents.includes(Number(t))) st.latents.push(Number(t)); });
+      drawChips();
+      send();
+    }
+    addButton.addEventListener("click", addTyped);
+    latentInput.addEventListener("keydown", (ev) => { if (ev.key === "Enter") addTyped(); });
+    op.addEventListener("change", () => {
+      st.op = op.value;
+      if (st.op === "scale" && st.value === 0) st.value = 1;
+      drawValue();
+      send();
+    });
+    value.addEventListener("input", () => { st.value = Number(value.value); valueText.value = value.value; send(); });
+    valueText.addEventListener("input", () => {
+      const v = Number(valueText.value);
+      if (valueText.value.trim() === "" || !Number.isFinite(v) || Math.abs(v) > live.value_limit) {
+        valueText.classList.add("invalid");
+        return;
+      }
+      valueText.classList.remove("invalid");
+      st.value = v;
+      value.value = v;
+      send();
+    });
+
+    // the brush: press on a patch to add it (or remove it, when it is in), drag to paint more
+    let painting = null;
+    function patchAt(ev) {
+      const r = brush.getBoundingClientRect();
+      const px = Math.min(gw - 1, Math.max(0, Math.floor(((ev.clientX - r.left) / r.width) * gw)));
+      const py = Math.min(gh - 1, Math.max(0, Math.floor(((ev.clientY - r.top) / r.height) * gh)));
+      return py * gw + px;
+    }
+    function paint(p) {
+      if (painting === "add") st.patches.add(p);
+      else st.patches.delete(p);
+      drawBrush();
+    }
+    brush.addEventListener("pointerdown", (ev) => {
+      const p = patchAt(ev);
+      painting = st.patches.has(p) ? "remove" : "add";
+      brush.setPointerCapture(ev.pointerId);
+      paint(p);
+    });
+    brush.addEventListener("pointermove", (ev) => { if (painting) paint(patchAt(ev)); });
+    const stop = () => { if (painting) { painting = null; send(); } };
+    brush.addEventListener("pointerup", stop);
+    brush.addEventListener("pointercancel", stop);
+    clear.addEventListener("click", () => { st.patches.clear(); drawBrush(); send(); });
+
+    function classTable(rows, other) {
+      const was = new Map((other || []).map((c) => [c.index, c.prob]));
+      return h("table", { class: "edit-classes" }, h("tbody", {}, rows.map((c) => h("tr", { class: "edit-class", dataset: { index: c.index, prob: c.prob, score: c.score } },
+        h("td", { class: "name", title: c.name }, c.name),
+        h("td", { class: "bar" }, h("span", { style: "width:" + Math.max(0, Math.min(100, 100 * c.prob)).toFixed(1) + "%" })),
+        h("td", { class: "prob" }, pct(c.prob), other && was.has(c.index) && was.get(c.index) !== c.prob
+          ? h("span", { class: "muted" }, " (" + pct(was.get(c.index)) + ")") : null)))));
+    }
+
+    function denseBox(out, which) {
+      const [mh, mw] = out.shape;
+      const b = b64bytes(out[which]);
+      const canvas = h("canvas", { class: "dense", width: mw, height: mh });
+      const ctx = canvas.getContext("2d");
+      const im = ctx.createImageData(mw, mh);
+      if (out.map === "probability") {
+        for (let i = 0; i < mh * mw; i++) im.data.set(heatColor(b[i] / out.levels), 4 * i);
+      } else {
+        const view = new DataView(b.buffer);
+        const wide = out.dtype === "<u2";
+        for (let i = 0; i < mh * mw; i++) {
+          const c = wide ? view.getUint16(2 * i, true) : b[i];
+          if (c > 0) im.data.set([...classColor(c), 150], 4 * i);
+        }
+      }
+      ctx.putImageData(im, 0, 0);
+      return h("div", { class: "imagebox", dataset: { map: which } }, h("img", { src: thumbUrl(a, info), alt: "image " + img }), canvas);
+    }
+
+    function classLegend(out) {
+      const seen = new Set();
+      for (const which of ["before", "after"]) {
+        const b = b64bytes(out[which]);
+        const view = new DataView(b.buffer);
+        for (let i = 0; i < out.shape[0] * out.shape[1]; i++) seen.add(out.dtype === "<u2" ? view.getUint16(2 * i, true) : b[i]);
+      }
+      return h("div", { class: "legend" }, [...seen].sort((x, y) => x - y).map((c) => h("span", { class: "legend-item" },
+        h("span", { class: "swatch", style: c ? "background:rgb(" + classColor(c).join(",") + ")" : "" }), out.labels[c])));
+    }
+
+    function show(res) {
+      const out = res.output;
+      if (out.kind === "classification") {
+        before.replaceChildren(h("h3", {}, "before"), classTable(out.before, null));
+        after.replaceChildren(h("h3", {}, "after" + (res.edit ? "" : " (no edit)")), classTable(out.after, out.before),
+          res.edit ? h("div", { class: "meta moved" }, "most moved: " + out.moved.map((c) => c.name + " " + fmt(c.before) + " → " + fmt(c.after)).join(", ")) : null);
+      } else {
+        const note = out.map === "probability"
+          ? "mean " + fmt(out.mean_before) + " → " + fmt(out.mean_after) + ", largest change " + fmt(out.max_change)
+          : pct(out.changed) + " of cells change class";
+        before.replaceChildren(h("h3", {}, "before"), denseBox(out, "before"), out.map === "classes" ? classLegend(out) : null);
+        after.replaceChildren(h("h3", {}, "after" + (res.edit ? "" : " (no edit)")), denseBox(out, "after"), h("div", { class: "meta" }, note));
+      }
+      status.replaceChildren(res.label + " at layer " + res.layer + " · " + Math.round(res.seconds * 1000) + " ms on the server");
+    }
+
+    // one request in flight; changes meanwhile send the latest state once it returns
+    let inflight = false;
+    let pending = false;
+    // the page re-renders on a patch click: the last answer is shown again, not recomputed
+    function send() {
+      if (inflight) { pending = true; return; }
+      const body = JSON.stringify({ image: img, latents: st.latents, op: st.op, value: st.value, patches: [...st.patches].sort((x, y) => x - y) });
+      if (st.last && st.last.body === body) {
+        show(st.last.doc);
+        el.dataset.requests = Number(el.dataset.requests) + 1;
+        return;
+      }
+      inflight = true;
+      pending = false;
+      el.dataset.state = "busy";
+      fetch("api/a" + a + "/intervene", { method: "POST", headers: { "Content-Type": "application/json" }, body })
+        .then((r) => r.json().then((doc) => {
+          if (!r.ok) throw new Error(doc.error || "HTTP " + r.status);
+          return doc;
+        }))
+        .then((doc) => {
+          st.last = { body, doc };
+          show(doc);
+          el.dataset.error = "";
+          status.classList.remove("error");
+        })
+        .catch((err) => {
+          el.dataset.error = String(err.message || err);
+          status.replaceChildren(String(err.message || err));
+          status.classList.add("error");
+        })
+        .finally(() => {
+          inflight = false;
+          el.dataset.requests = Number(el.dataset.requests) + 1;
+          if (pending) send();
+          else el.dataset.state = "idle";
+        });
+    }
+
+    el.append(
+      h("h2", {}, "Edit latents"),
+      h("div", { class: "meta" }, live.model + " · head " + head.name + " (" + head.kind + ") · layer " + live.analyses[String(a)].layer),
+      h("div", { class: "edit-grid" },
+        h("div", { class: "edit-controls" },
+          h("h3", {}, "Latents"), chips,
+          h("div", { class: "controls" }, latentInput, addButton, inputError),
+          h("h3", {}, "Operation"),
+          h("div", { class: "controls" }, op, value, valueText, valueUnit),
+          h("h3", {}, "Region"),
+          h("div", { class: "meta" }, "click or drag over patches; none chosen: every token"),
+          h("div", { class: "imagebox brushbox" }, h("img", { src: thumbUrl(a, info), alt: "image " + img }), brush),
+          h("div", { class: "controls" }, regionText, clear)),
+        h("div", { class: "edit-output" }, status, h("div", { class: "edit-compare" }, before, after))));
+    drawChips();
+    drawValue();
+    drawBrush();
+    return { el, add, send };
+  }
+
+  function imagePanel(meta, doc, sh, x, y, n, focus, onPick, onEdit) {
     const [gh, gw] = doc.grid;
     const info = imageInfo(sh, doc.image);
     const codes = doc.codes ? decodeCodes(doc.codes, gh * gw) : null;
@@ -636,6 +904,7 @@
       },
       h("div", {},
         h("a", { href: "#/latent/" + a + "/" + j, onclick: (ev) => ev.stopPropagation() }, "latent " + j),
+        onEdit ? h("button", { class: "edit-add", title: "add latent " + j + " to the edit", onclick: (ev) => { ev.stopPropagation(); onEdit(j); } }, "edit") : null,
         h("div", {}, "activation " + fmt(v)),
         h("div", { class: "muted" }, "freq " + pct(cols.freq_patch[j]) + (label ? " · " + label : ""))),
       h("div", { class: "exemplars" }, sh.latents.exemplars[j].map((e) => h("a", {
