@@ -30,6 +30,8 @@ class Head(ABC):
     layer: int | None
     labels: list[str]
     outputs: str  # "logits" | "probabilities"
+    # classification heads: one independent yes/no per label (sigmoid) instead of one class
+    multilabel: bool = False
 
     @abstractmethod
     def _read(

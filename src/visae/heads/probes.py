@@ -181,6 +181,7 @@ class ProbeHead(Head):
         self.info = info
         self.probe_kind = str(info["kind"])
         self.kind = HEAD_KIND[self.probe_kind]
+        self.multilabel = self.probe_kind == "cls"
         self.layer = int(info["layer"])
         self.labels = list(info["classes"])
         self.path = Path(info["path"]) if info.get("path") else None

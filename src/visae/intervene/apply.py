@@ -4,9 +4,9 @@ SAE's layer.
 Error mode (default, saev): x' = (x - x_hat) + decode(codes') = x + decode(codes') - decode(codes),
 computed as x + (codes' - codes)[edited] @ W_dec[edited] * scale (the SAE's normalisation
 scale): only the edited latents change the stream, and with no code changed x' is x bit for
-bit. Replace mode (Pach et al.'s steering): x' = decode(codes') on the region's tokens, the
-reconstruction error dropped, so the stream changes even with no edit; it is labelled as such
-wherever it is reported.
+bit. Replace mode (Pach et al.'s steering): x' = decode(codes') on each edit's region, the
+reconstruction error dropped there, so those tokens change even when the edit changes no code;
+it is labelled as such wherever it is reported.
 
 Several interventions compose: nest the context managers (different SAEs or layers); at one
 layer the innermost runs first.
@@ -51,15 +51,19 @@ class MaxActivations:
         return cls(np.nan_to_num(table["max_patch"]), np.nan_to_num(cls_max) if has_cls else None)
 
 
-def check_pair(backbone: Backbone, sae: SAE, layer: int | None = None) -> int:
+def check_pair(
+    backbone: Backbone, sae: SAE, layer: int | None = None, weights_hash: str | None = None
+) -> int:
     """The layer to edit: the SAE's own (or `layer`), refusing an SAE trained on another
-    model's activations or of another width."""
+    model's activations or of another width. `weights_hash`: the backbone's, when the caller
+    has it already (hashing the weights takes ~0.1 s)."""
     info = sae.checkpoint_info
     trained_on = (info.get("store") or {}).get("weights_hash")
-    if trained_on and trained_on != backbone.weights_hash:
+    have = weights_hash or backbone.weights_hash if trained_on else None
+    if trained_on and trained_on != have:
         raise VisaeError(
             f"the SAE was trained on activations of another model (weights {trained_on[:12]}) "
-            f"than {backbone.name} ({backbone.weights_hash[:12]})"
+            f"than {backbone.name} ({str(have)[:12]})"
         )
     if layer is None:
         if info.get("layer") is None:
@@ -90,10 +94,11 @@ class Editor:
         layer: int | None = None,
         mode: str = "error",
         max_acts: MaxActivations | None = None,
+        weights_hash: str | None = None,
     ) -> None:
         if mode not in MODES:
             raise VisaeError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-        self.layer = check_pair(backbone, sae, layer)
+        self.layer = check_pair(backbone, sae, layer, weights_hash)
         self.sae, self.mode, self.edits = sae, mode, list(edits)
         layout = backbone.layout(self.layer)
         self.layout = layout
@@ -101,6 +106,11 @@ class Editor:
             e.check(sae.n_latents)
             if e.relative and max_acts is None:
                 raise VisaeError(f"edit {e.label()} is relative to the max: give an analysis")
+        if max_acts is not None and len(max_acts.patch) != sae.n_latents:
+            raise VisaeError(
+                f"the analysis has maxima for {len(max_acts.patch)} latents, the SAE has "
+                f"{sae.n_latents}: an analysis of another SAE"
+            )
         self.max_acts = max_acts
         from visae.pairing import trained_tokens
 
@@ -170,9 +180,12 @@ def intervene(
     layer: int | None = None,
     mode: str = "error",
     max_acts: MaxActivations | None = None,
+    weights_hash: str | None = None,
 ) -> Iterator[Editor]:
     """`with intervene(backbone, sae, edits): out = backbone.forward(pixels)` runs the model
     with the edits applied at the SAE's layer (module docstring)."""
-    editor = Editor(backbone, sae, edits, layer=layer, mode=mode, max_acts=max_acts)
+    editor = Editor(
+        backbone, sae, edits, layer=layer, mode=mode, max_acts=max_acts, weights_hash=weights_hash
+    )
     with backbone.edit(editor.layer, editor):
         yield editor

@@ -60,10 +60,11 @@ def run_intervene(args: argparse.Namespace) -> int:
             image = im.convert("RGB")
     except (OSError, ValueError) as e:
         raise VisaeError(f"cannot read image {args.image}: {e}") from None
-    layer = int(sae.checkpoint_info.get("layer", -1))
+    from visae.intervene.apply import check_pair
+
+    layer = check_pair(backbone, sae)
     head = load_head(args.head, backbone)
-    if layer >= 0:
-        head.check_reads_after(layer)
+    head.check_reads_after(layer)
     region = _region(args.region, backbone, layer, image)
     edits = [parse_edit(text, region) for text in args.edit]
     max_acts = MaxActivations.from_analysis(args.analysis) if args.analysis else None
@@ -105,8 +106,11 @@ def describe(head: Any, before: torch.Tensor, after: torch.Tensor, top: int) -> 
 
         lines = []
         for name, scores in (("before", before), ("after", after)):
+            # a multi-label head's probabilities are one sigmoid per label, not a softmax
+            probs = (scores.sigmoid(), "probabilities") if head.multilabel else (scores, "logits")
             cells = ", ".join(
-                f"{c['name']} {c['prob']:.3f}" for c in top_classes(scores, head.labels, top)[0]
+                f"{c['name']} {c['prob']:.3f}"
+                for c in top_classes(probs[0], head.labels, top, outputs=probs[1])[0]
             )
             lines.append(f"{name:<7} {cells}")
         moved = logit_changes(before, after, head.labels, top)[0]
@@ -161,7 +165,10 @@ def plot_before_after(
         from visae.heads.classifier import top_classes
 
         for ax, name, scores in ((axes[1], "before", before), (axes[2], "after", after)):
-            cls = top_classes(scores, head.labels, top)[0]
+            if head.multilabel:
+                cls = top_classes(scores.sigmoid(), head.labels, top, outputs="probabilities")[0]
+            else:
+                cls = top_classes(scores, head.labels, top)[0]
             ax.barh([c["name"][:28] for c in cls][::-1], [c["prob"] for c in cls][::-1])
             ax.set_xlim(0, 1)
             ax.set_title(f"{head.name} {name}", fontsize=9)
@@ -292,8 +299,13 @@ def run_study_command(args: argparse.Namespace) -> int:
         m, c = entry["matched"], entry["controls"]
         print(
             f"{name} (v = {entry['value']:g}): matched target {_fmt(m['target'])}, other "
-            f"{_fmt(m['other'])}; controls target {_fmt(c['target'])}, other {_fmt(c['other'])}"
+            f"{_fmt(m['other'])}, selectivity {_fmt(m['selectivity'])}; controls target "
+            f"{_fmt(c['target'])}, other {_fmt(c['other'])}, selectivity {_fmt(c['selectivity'])}"
         )
+        diff = entry.get("matched_minus_controls")
+        if diff:
+            verdict = diff["direction"] if diff["separates"] else "not distinguishable"
+            print(f"  matched - controls selectivity {_fmt(diff)}: matched {verdict}")
     print(f"written: {Path(args.out).resolve() / 'study.html'}")
     return 0
 

@@ -125,6 +125,8 @@ class Edit:
             raise VisaeError(f"edit value must be finite, not {self.value}")
         if any(j < 0 for j in self.latents):
             raise VisaeError(f"latent {min(self.latents)} is negative")
+        if len(set(self.latents)) != len(self.latents):
+            raise VisaeError(f"edit names a latent twice: {list(self.latents)}")
 
     def check(self, n_latents: int) -> None:
         bad = [j for j in self.latents if j >= n_latents]

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from visae.atomic import write_bytes, write_text
 from visae.errors import VisaeError
-from visae.intervene.apply import MaxActivations, intervene
+from visae.intervene.apply import MaxActivations, check_pair, intervene
 from visae.intervene.edits import Edit, Region
 
 if TYPE_CHECKING:
@@ -168,23 +168,24 @@ def run_study(
     from visae.store import open_dataset
 
     config = config or StudyConfig()
-    layer = int(sae.checkpoint_info.get("layer", -1))
+    layer = check_pair(backbone, sae)
     head.check_reads_after(layer)
     dataset = open_dataset(store, progress=False)
     meta = store.metadata()
     pool = np.arange(store.n_images) if images is None else np.asarray(images)
-    grid = store.layout(layer).grid
+    # the scenes' edited pair copies are near-duplicates of scenes: left out, as evaluate does
+    pool = np.asarray([i for i in pool if meta[int(i)].get("role") != "edit"], dtype=np.int64)
     dense = head.kind == "dense"
     if dense and not concepts.has_masks:
         raise VisaeError(f"a dense head needs concepts with masks; {concepts.source} has none")
-    n_patches = grid[0] * grid[1]
-    region = Region("patches", tuple(range(n_patches)))
+    region = Region("all")  # every token the SAE reads: its patches (or its CLS token)
     controls: list[Target] = []
     if config.controls:
         if frequency is None:
             raise VisaeError("random controls need each latent's frequency (from an evaluation)")
         controls = frequency_controls(targets, frequency, config)
     rng = np.random.default_rng(config.seed)
+    weights_hash = backbone.weights_hash
     results = []
     bar = tqdm(
         total=len(targets) + len(controls),
@@ -202,26 +203,22 @@ def run_study(
         rates = {}
         for value in config.values:
             edit = Edit((t.latent,), "set", value, relative=True, region=region)
-            rates[value] = {
-                "target": _change_rate(
-                    backbone, sae, head, edit, target_group, max_acts, config, on_target=True
-                ),
-                "other": _change_rate(
-                    backbone,
-                    sae,
-                    head,
-                    edit,
-                    other_group if not dense else target_group,
-                    max_acts,
-                    config,
-                    on_target=False,
-                ),
-            }
+            args = (backbone, sae, head, edit, max_acts, config, weights_hash)
+            on_target = _changed(target_group, *args, column=_column(head, t.concept))
+            if dense:  # target: the concept's patches; other: the rest of the same images
+                labels = target_group.labels
+                rates[value] = {
+                    "target": _rate(on_target, labels),
+                    "other": _rate(on_target, ~labels),
+                }
+            else:
+                on_other = _changed(other_group, *args, column=_column(head, t.concept))
+                rates[value] = {"target": _rate(on_target), "other": _rate(on_other)}
         results.append(
             {
                 **asdict(t),
                 "n_target": len(target_group.images),
-                "n_other": len(other_group.images),
+                "n_other": len(target_group.images if dense else other_group.images),
                 "rates": rates,
             }
         )
@@ -244,8 +241,10 @@ def run_study(
         "latents": results,
         "summary": _summary(results, config),
     }
+    doc["dose_response"] = doc["summary"].pop("dose_response")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    doc["examples"] = _examples(backbone, sae, head, targets, groups_of, config, max_acts, out)
     write_text(out / "study.json", json.dumps(_finite(doc), indent=1) + "\n")
     plot = _plot(doc, out)
     write_text(out / "study.html", _page(doc, plot))
@@ -295,34 +294,49 @@ def _outputs(backbone: Backbone, head: Head, pixels: torch.Tensor, batch: int) -
     return torch.cat([head(backbone, pixels[i : i + batch]) for i in range(0, len(pixels), batch)])
 
 
-def _change_rate(
+def _changed(
+    group: _Group,
     backbone: Backbone,
     sae: SAE,
     head: Head,
     edit: Edit,
-    group: _Group,
     max_acts: MaxActivations,
     config: StudyConfig,
-    on_target: bool,
-) -> float | None:
-    """Fraction of target (or other) units whose head output changes under the edit."""
+    weights_hash: str,
+    column: int | None = None,
+) -> np.ndarray | None:
+    """Whether the head's output changes under the edit: per image (classification: top-1, or
+    for a multi-label head the yes/no of the concept's own label, `column`, else of any label)
+    or per patch `[B, h, w]` of the labels' grid (dense); None for an empty group."""
     if not len(group.images):
         return None
     before = group.before(backbone, head, config.batch_images)
-    with intervene(backbone, sae, [edit], max_acts=max_acts):
+    with intervene(backbone, sae, [edit], max_acts=max_acts, weights_hash=weights_hash):
         after = _outputs(backbone, head, group.pixels, config.batch_images)
+    if head.kind == "classification" and head.multilabel:
+        flips = (before > 0) != (after > 0)
+        return (flips[:, column] if column is not None else flips.any(dim=1)).numpy()
     if head.kind == "classification":
-        return float((before.argmax(1) != after.argmax(1)).float().mean())
+        return (before.argmax(1) != after.argmax(1)).numpy()
     grid = group.labels.shape[1:]
     b = torch.nn.functional.adaptive_avg_pool2d(before.float(), grid)
     a = torch.nn.functional.adaptive_avg_pool2d(after.float(), grid)
-    changed = (
-        (b.argmax(1) != a.argmax(1))
-        if b.shape[1] > 1
-        else ((a - b).abs()[:, 0] > config.dense_threshold)
-    ).numpy()
-    mask = group.labels if on_target else ~group.labels
-    return float(changed[mask].mean()) if mask.any() else None
+    if b.shape[1] > 1:
+        return (b.argmax(1) != a.argmax(1)).numpy()
+    return ((a - b).abs()[:, 0] > config.dense_threshold).numpy()
+
+
+def _column(head: Head, concept: str) -> int | None:
+    return head.labels.index(concept) if head.multilabel and concept in head.labels else None
+
+
+def _rate(changed: np.ndarray | None, mask: np.ndarray | None = None) -> float | None:
+    """Fraction of the (masked) units that changed; None without any."""
+    if changed is None:
+        return None
+    if mask is not None:
+        changed = changed[mask]
+    return float(changed.mean()) if changed.size else None
 
 
 def _summary(results: list[dict[str, Any]], config: StudyConfig) -> dict[str, Any]:
@@ -358,27 +372,52 @@ def _summary(results: list[dict[str, Any]], config: StudyConfig) -> dict[str, An
                 "value": d,
                 "ci": [lo, hi],
                 "separates": bool(lo > 0 or hi < 0),
+                "direction": "more selective" if d > 0 else "less selective",
             }
         out[name] = entry
+    out["dose_response"] = [
+        {
+            "value": v,
+            **{
+                group: {kind: ci(items(kind, v, control)) for kind in ("target", "other")}
+                for group, control in (("matched", False), ("controls", True))
+            },
+        }
+        for v in config.values
+    ]
     return out
 
 
 def _plot(doc: dict[str, Any], out: Path) -> str:
+    """Mean change rate per dose, target and other, matched latents and controls, with their
+    intervals over latents."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    values = doc["settings"]["values"]
     fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=100)
-    for control, color in ((False, "#3b6ea8"), (True, "#8a8a8a")):
-        rows = [r for r in doc["latents"] if (r["control_of"] is not None) == control]
-        if not rows:
-            continue
+    doses = doc["dose_response"]
+    xs = [d["value"] for d in doses]
+    for group, color in (("matched", "#3b6ea8"), ("controls", "#8a8a8a")):
         for kind, style in (("target", "-"), ("other", "--")):
-            ys = [_mean([r["rates"][v][kind] for r in rows]) for v in values]
-            name = "random controls" if control else "matched latents"
-            ax.plot(values, ys, style, color=color, marker="o", label=f"{name}, {kind}")
+            cells = [d[group][kind] for d in doses]
+            if all(c["value"] is None for c in cells):
+                continue
+            ys = [math.nan if c["value"] is None else c["value"] for c in cells]
+            lo = [y - c["ci"][0] if c["ci"] else 0.0 for y, c in zip(ys, cells, strict=True)]
+            hi = [c["ci"][1] - y if c["ci"] else 0.0 for y, c in zip(ys, cells, strict=True)]
+            name = "random controls" if group == "controls" else "matched latents"
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=[lo, hi],
+                fmt=style,
+                color=color,
+                marker="o",
+                capsize=3,
+                label=f"{name}, {kind}",
+            )
     ax.set_xlabel("latent set to v x its max activation (0 = ablated)")
     ax.set_ylabel("change rate of the head")
     ax.grid(alpha=0.3)
@@ -389,6 +428,67 @@ def _plot(doc: dict[str, Any], out: Path) -> str:
     plt.close(fig)
     write_bytes(out / "dose_response.png", buf.getvalue())
     return "dose_response.png"
+
+
+def _examples(
+    backbone: Backbone,
+    sae: SAE,
+    head: Head,
+    targets: list[Target],
+    groups_of: dict[str, tuple[_Group, _Group]],
+    config: StudyConfig,
+    max_acts: MaxActivations,
+    out: Path,
+    n: int = 4,
+) -> list[dict[str, Any]]:
+    """Before/after of the amplify and suppress doses on the first target image of the first
+    `n` matched latents, as PNGs beside the page."""
+    from visae.intervene.commands import plot_before_after
+
+    folder = out / "examples"
+    folder.mkdir(exist_ok=True)
+    examples = []
+    for t in targets[:n]:
+        group = groups_of[t.concept][0]
+        pixels = group.pixels[:1]
+        view = _view(pixels, backbone)
+        before = head(backbone, pixels)
+        for name, value in (("amplify", config.amplify), ("suppress", config.suppress)):
+            edit = Edit((t.latent,), "set", value, relative=True, region=Region("all"))
+            with intervene(backbone, sae, [edit], max_acts=max_acts):
+                after = head(backbone, pixels)
+            file = f"examples/latent{t.latent}_{name}.png"
+            plot_before_after(
+                head,
+                view,
+                before,
+                after,
+                f"latent {t.latent} ({t.concept}) set to {value:g} x max",
+                out / file,
+                5,
+            )
+            examples.append(
+                {
+                    "latent": t.latent,
+                    "concept": t.concept,
+                    "dose": name,
+                    "image": int(group.images[0]),
+                    "file": file,
+                }
+            )
+    return examples
+
+
+def _view(pixels: torch.Tensor, backbone: Backbone) -> Any:
+    """The model's input picture back from its normalised pixels (for the example plots)."""
+    from PIL import Image
+
+    pre = backbone.preprocessing
+    mean = torch.tensor(pre.get("mean", [0.0, 0.0, 0.0]))[:, None, None]
+    std = torch.tensor(pre.get("std", [1.0, 1.0, 1.0]))[:, None, None]
+    scale = float(pre.get("rescale_factor", 1 / 255))
+    rgb = ((pixels[0].cpu() * std + mean) / scale).clamp(0, 255).byte()
+    return Image.fromarray(rgb.permute(1, 2, 0).numpy())
 
 
 def _page(doc: dict[str, Any], plot: str) -> str:
@@ -411,7 +511,11 @@ def _page(doc: dict[str, Any], plot: str) -> str:
             )
         diff = entry.get("matched_minus_controls")
         if diff:
-            verdict = "separates" if diff["separates"] else "NOT distinguishable from controls"
+            verdict = (
+                f"matched latents {diff['direction']} than controls"
+                if diff["separates"]
+                else "NOT distinguishable from controls"
+            )
             rows.append(
                 f"<tr><td colspan=4>{name}: matched - controls selectivity</td>"
                 f"<td>{cell(diff)} ({verdict})</td></tr>"
@@ -440,7 +544,14 @@ def _page(doc: dict[str, Any], plot: str) -> str:
         "<table><tr><th>dose</th><th>latents</th><th>target</th><th>other</th>"
         f"<th>selectivity (target - other)</th></tr>{''.join(rows)}</table>"
         f"<h2>Dose response</h2><img src='{plot}' alt='dose response'>"
-        f"<h2>Per latent (target / other)</h2><table><tr><th>latent</th><th>concept</th>"
+        "<h2>Examples (the head before and after, on a target image)</h2>"
+        + "".join(
+            f"<figure><img src='{html.escape(e['file'])}' alt='example'><figcaption>latent "
+            f"{e['latent']} ({html.escape(e['concept'])}), {e['dose']}, store image "
+            f"{e['image']}</figcaption></figure>"
+            for e in doc["examples"]
+        )
+        + f"<h2>Per latent (target / other)</h2><table><tr><th>latent</th><th>concept</th>"
         f"<th>kind</th>{heads}</tr>{latents}</table>"
     )
 
