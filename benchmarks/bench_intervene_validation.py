@@ -97,9 +97,7 @@ def lines_of(title: str, doc: dict) -> list[str]:
             )
         diff = entry.get("matched_minus_controls")
         if diff:
-            verdict = (
-                f"matched {diff['direction']}" if diff["separates"] else "not distinguishable"
-            )
+            verdict = f"matched {diff['direction']}" if diff["separates"] else "not distinguishable"
             out.append(f"  {name:<8} matched - controls selectivity {_c(diff)} ({verdict})")
     values = doc["settings"]["values"]
     out.append("  dose response (mean change rate, target / other):")

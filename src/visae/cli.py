@@ -335,7 +335,7 @@ def _demo_intervention(
     from visae.geometry import model_view
     from visae.heads import load_head
     from visae.intervene import Edit, MaxActivations, intervene
-    from visae.intervene.commands import describe, plot_before_after
+    from visae.intervene.show import describe, plot_before_after
     from visae.intervene.study import StudyConfig, matched_latents
     from visae.sae import SAE
 

@@ -28,6 +28,7 @@ from visae.atomic import write_bytes, write_text
 from visae.errors import VisaeError
 from visae.intervene.apply import MaxActivations, check_pair, intervene
 from visae.intervene.edits import Edit, Region
+from visae.intervene.show import plot_before_after
 
 if TYPE_CHECKING:
     from visae.backbones import Backbone
@@ -443,8 +444,6 @@ def _examples(
 ) -> list[dict[str, Any]]:
     """Before/after of the amplify and suppress doses on the first target image of the first
     `n` matched latents, as PNGs beside the page."""
-    from visae.intervene.commands import plot_before_after
-
     folder = out / "examples"
     folder.mkdir(exist_ok=True)
     examples = []
