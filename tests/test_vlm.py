@@ -114,3 +114,34 @@ def test_packaged_vlm_is_the_real_parts() -> None:
     with torch.inference_mode():
         out = vlm.model.generate(**ids, max_new_tokens=4, do_sample=False)
     assert "Paris" in vlm.tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
+
+
+def test_scene_captions_name_every_object_and_the_background(tmp_path) -> None:
+    from visae.data import SceneConfig, SceneDataset, generate_scenes
+    from visae.vlm.captions import background_phrase, object_phrase, one_word_answer, scene_caption
+
+    assert object_phrase("animals/birds/crowned_crane", "A crowned crane.") == "a crowned crane"
+    assert object_phrase("animals/birds/x", "An Adelaide Rosella.") == "an adelaide rosella"
+    assert object_phrase("shapes/round/circle-2", None) == "a circle"
+    assert object_phrase("shapes/x/octagon", None) == "an octagon"
+    assert background_phrase({"kind": "texture", "texture": "dots"}) == "on a dots pattern"
+    assert background_phrase({"kind": "plain"}) == "on a plain background"
+    folder = generate_scenes(
+        SceneConfig(n_scenes=12, size=64, objects="shapes", pairs_per_kind=0),
+        tmp_path / "s",
+        progress=False,
+        workers=1,
+    )
+    scenes = SceneDataset.load(folder)
+    for i in range(len(scenes)):
+        caption = scene_caption(scenes, i)
+        objects = scenes.records[i]["objects"]
+        names = [object_phrase(o["item"], scenes.taxonomy.node(o["item"]).caption) for o in objects]
+        assert caption.startswith(names[0]) and all(n in caption for n in names)
+        assert caption.endswith(("pattern", "photo", "plain background"))
+        word = one_word_answer(scenes, i)
+        best = 0
+        for j, o in enumerate(objects):  # the largest visible object, the earlier on a tie
+            if o["area"] > objects[best]["area"]:
+                best = j
+        assert word == names[best].split()[-1] and " " not in word
