@@ -158,8 +158,12 @@ def test_compare_two_evaluations_of_one_sae(
             "--pairs",
             "none",
             "--quiet",
+            "--cache",
+            str(chain["root"] / "shared-cache"),
         )
         assert code == 0
+    # one code pass of the trained SAE (and of its twin) served both evaluations
+    assert len(list((chain["root"] / "shared-cache").glob("codes-trained-*.npz"))) == 1
     code, table, _ = run(
         capsys, "compare", str(first), str(second), "--out", str(chain["root"] / "cmp")
     )

@@ -55,6 +55,10 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", type=int, help="default: the layer the SAE was trained on")
     p.add_argument("--dataset", help="dataset spec of the store's images (default: its own)")
     p.add_argument("--analysis", help="analysis folder of this SAE to add per-latent scores to")
+    p.add_argument(
+        "--cache",
+        help="codes and embeddings cache (default OUT/cache; one folder can serve a sweep)",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -92,6 +96,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         layer=args.layer,
         dataset=args.dataset,
         analysis=args.analysis,
+        cache=args.cache,
         device=args.device,
         progress=not args.quiet,
     )
