@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,8 +18,24 @@ if TYPE_CHECKING:
     from visae.sae import SAE
     from visae.store import ActivationStore
 
+SCHEMA = "visae.evaluation/1"
 VARIANTS = ("trained", "frozen", "random")
 BASELINES = ("frozen", "random")
+# the per-latent tables an evaluation writes and the report reads
+LATENT_COLUMNS = (
+    "latent",
+    "frequency",
+    "ms",
+    "ms_corrected",
+    "dead",
+    "concept",
+    "concept_f1",
+    "locality",
+    "lca_depth",
+    "coarse",
+    "fine",
+)
+NEURON_COLUMNS = ("neuron", "ms", "ms_corrected")
 
 
 @dataclass(frozen=True)
@@ -84,3 +101,17 @@ class EvalInputs:
     patch_images: np.ndarray
     paths: Any
     meta: list[dict[str, Any]]
+
+
+def finite_json(obj: Any) -> Any:
+    """JSON-able copy with NaN and infinities as null and numpy scalars as Python numbers
+    (the evaluation's and the intervention study's documents)."""
+    if isinstance(obj, dict):
+        return {str(k): finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_json(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj

@@ -15,7 +15,6 @@ import csv
 import io
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +35,16 @@ from visae.eval.codes import (
     image_codes,
     mean_l0,
 )
-from visae.eval.config import BASELINES, VARIANTS, EvalConfig, EvalInputs
+from visae.eval.config import (
+    BASELINES,
+    LATENT_COLUMNS,
+    NEURON_COLUMNS,
+    SCHEMA,
+    VARIANTS,
+    EvalConfig,
+    EvalInputs,
+    finite_json,
+)
 from visae.eval.scoring import Scorer, paths_subset
 
 if TYPE_CHECKING:
@@ -46,21 +54,6 @@ if TYPE_CHECKING:
     from visae.store import ActivationStore
 
 logger = logging.getLogger("visae.eval")
-
-SCHEMA = "visae.evaluation/1"
-LATENT_COLUMNS = (
-    "latent",
-    "frequency",
-    "ms",
-    "ms_corrected",
-    "dead",
-    "concept",
-    "concept_f1",
-    "locality",
-    "lca_depth",
-    "coarse",
-    "fine",
-)
 
 
 @dataclass
@@ -244,10 +237,10 @@ def evaluate(
     for variant, table in scorer.latent_tables.items():
         write_text(out / f"latents_{variant}.csv", _csv(LATENT_COLUMNS, table))
     if scorer.raw_table is not None:
-        write_text(
-            out / "raw_neurons.csv", _csv(("neuron", "ms", "ms_corrected"), scorer.raw_table)
-        )
-    write_text(out / "scores.json", json.dumps(_finite(result), indent=1, sort_keys=False) + "\n")
+        write_text(out / "raw_neurons.csv", _csv(NEURON_COLUMNS, scorer.raw_table))
+    write_text(
+        out / "scores.json", json.dumps(finite_json(result), indent=1, sort_keys=False) + "\n"
+    )
     evaluation = Evaluation(out, json.loads((out / "scores.json").read_text(encoding="utf-8")))
     from visae.eval.report import write_report
 
@@ -400,19 +393,6 @@ def _csv(header: tuple[str, ...], rows: list[list[Any]]) -> str:
     w.writerow(header)
     w.writerows(rows)
     return buf.getvalue()
-
-
-def _finite(obj: Any) -> Any:
-    """JSON-able copy with NaN as null and numpy scalars as Python numbers."""
-    if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def _provenance(

@@ -29,8 +29,8 @@ import numpy as np
 
 from visae.atomic import atomic_directory, write_text
 from visae.errors import VisaeError
+from visae.eval.config import LATENT_COLUMNS, NEURON_COLUMNS, SCHEMA
 
-SCHEMA = "visae.evaluation/1"
 SCORES_FILE = "scores.json"
 REPORT_FILE = "report.html"
 PLOTS_DIR = "plots"
@@ -47,20 +47,6 @@ LABELS = {
     "raw_neurons": "raw neurons",
 }
 COLORS = {"trained": "#3b6ea8", "frozen": "#d08a2e", "random": "#8a8a8a", "raw_neurons": "#4f9d5d"}
-LATENT_COLUMNS = (
-    "latent",
-    "frequency",
-    "ms",
-    "ms_corrected",
-    "dead",
-    "concept",
-    "concept_f1",
-    "locality",
-    "lca_depth",
-    "coarse",
-    "fine",
-)
-NEURON_COLUMNS = ("neuron", "ms", "ms_corrected")
 _TEXT_COLUMNS = ("concept", "coarse", "fine")
 MAX_CONCEPT_ROWS = 40
 """TAPA plot rows; beyond it the plot shows the highest and lowest half each (the table below

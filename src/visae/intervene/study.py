@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from visae.atomic import write_bytes, write_text
 from visae.errors import VisaeError
+from visae.eval.config import finite_json
 from visae.intervene.apply import MaxActivations, check_pair, intervene
 from visae.intervene.edits import Edit, Region
 from visae.intervene.show import plot_before_after
@@ -246,7 +247,7 @@ def run_study(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     doc["examples"] = _examples(backbone, sae, head, targets, groups_of, config, max_acts, out)
-    write_text(out / "study.json", json.dumps(_finite(doc), indent=1) + "\n")
+    write_text(out / "study.json", json.dumps(finite_json(doc), indent=1) + "\n")
     plot = _plot(doc, out)
     write_text(out / "study.html", _page(doc, plot))
     return doc
@@ -562,13 +563,3 @@ def _mean(values: list[float | None]) -> float:
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.0%}"
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
