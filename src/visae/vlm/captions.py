@@ -4,7 +4,7 @@ answer to "What is shown in this image? Use exactly one word!").
 
 An object is named by its stamp's own English caption ("A crowned crane." -> "a crowned
 crane"), or, for a shape without one, by its item name ("shapes/round/circle-2" -> "a circle").
-The background is named by its kind: "in front of a <photo> photo", "on a <texture> pattern",
+The background is named by its kind: "in front of a photo", "on a <texture> pattern",
 "on a plain background". Objects are listed in drawing order: "a frog and a crow on a dots
 pattern". The one-word answer is the last word of the largest visible object's name.
 """
@@ -16,20 +16,24 @@ from typing import Any
 
 from visae.data.scene_dataset import SceneDataset
 
-INSTRUCTION = "What is shown in this image? Use exactly one word!"
-_TRAILING_NUMBER = re.compile(r"[-_]\d+$")
+_TRAILING_NUMBER = re.compile(r"[-_]?[a-z]?\d+[a-z]?$")
+_LEADING_NUMBER = re.compile(r"^\d+[-_ ]*")
+_CLAUSE_END = re.compile(r"[.!?,;:(—–]| - ")
 
 
 def object_phrase(item: str, caption: str | None) -> str:
-    """`a <name>` for one object, from its stamp caption or its item name."""
-    if caption:
-        text = caption.strip().rstrip(".").strip()
-        first, _, rest = text.partition(" ")
-        if first.lower() in ("a", "an", "the") and rest:
-            return f"{first.lower()} {rest.lower()}"
-        text = text.lower()
-    else:
-        text = _TRAILING_NUMBER.sub("", item.rsplit("/", 1)[-1]).replace("_", " ").replace("-", " ")
+    """`a <name>` for one object: its stamp caption's first clause when it names the object
+    ("A dumper. It carries..." -> "a dumper"), else its item name ("circle-2" -> "a circle")."""
+    text = _CLAUSE_END.split(caption or "", maxsplit=1)[0].strip().strip("\"'“”")
+    first, _, rest = text.partition(" ")
+    if first.lower() in ("a", "an", "the") and rest and len(rest.split()) <= 4:
+        return f"{first.lower()} {rest.lower()}"
+    text = (
+        _LEADING_NUMBER.sub("", _TRAILING_NUMBER.sub("", item.rsplit("/", 1)[-1]))
+        .replace("_", " ")
+        .replace("-", " ")
+    )
+    text = text.lower().strip()
     article = "an" if text[:1] in "aeiou" else "a"
     return f"{article} {text}"
 
@@ -37,7 +41,7 @@ def object_phrase(item: str, caption: str | None) -> str:
 def background_phrase(spec: dict[str, Any]) -> str:
     kind = spec.get("kind")
     if kind == "photo":
-        return f"in front of a {str(spec.get('photo', 'scenery')).replace('_', ' ')} photo"
+        return "in front of a photo"
     if kind == "texture":
         return f"on a {str(spec.get('texture', 'textured')).replace('_', ' ')} pattern"
     return "on a plain background"
