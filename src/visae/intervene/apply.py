@@ -95,6 +95,7 @@ class Editor:
         mode: str = "error",
         max_acts: MaxActivations | None = None,
         weights_hash: str | None = None,
+        every_token: bool = False,
     ) -> None:
         if mode not in MODES:
             raise VisaeError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -114,7 +115,11 @@ class Editor:
         self.max_acts = max_acts
         from visae.pairing import trained_tokens
 
-        kinds = trained_tokens(sae)
+        # every_token: region `all` means every token, CLS included, whatever the SAE saw
+        # (Pach et al.'s steering edit)
+        # (the CLS token then takes the patch maximum as its unit when it has none of its own)
+        self.every_token = every_token
+        kinds = None if every_token else trained_tokens(sae)
         self._positions = [
             torch.from_numpy(
                 e.region.token_positions(layout.n_cls, layout.n_special, layout.n_patches, kinds)
@@ -130,7 +135,7 @@ class Editor:
         assert self.max_acts is not None
         is_cls = positions < self.layout.n_cls
         patch_max = torch.as_tensor(self.max_acts.patch[latents], dtype=torch.float32)
-        if bool(is_cls.any()):
+        if bool(is_cls.any()) and not (self.every_token and self.max_acts.cls is None):
             if self.max_acts.cls is None:
                 raise VisaeError("relative edit of the CLS token: the analysis has no CLS maxima")
             cls_max = torch.as_tensor(self.max_acts.cls[latents], dtype=torch.float32)

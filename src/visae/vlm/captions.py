@@ -6,7 +6,8 @@ An object is named by its stamp's own English caption ("A crowned crane." -> "a 
 crane"), or, for a shape without one, by its item name ("shapes/round/circle-2" -> "a circle").
 The background is named by its kind: "in front of a photo", "on a <texture> pattern",
 "on a plain background". Objects are listed in drawing order: "a frog and a crow on a dots
-pattern". The one-word answer is the last word of the largest visible object's name.
+pattern". The one-word answer names the kind of the largest visible object ("bird" for a crow):
+with ~40 kinds instead of ~300 items, a 554k-parameter projector trained for minutes can learn it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from visae.data.scene_dataset import SceneDataset
 
 _TRAILING_NUMBER = re.compile(r"[-_]?[a-z]?\d+[a-z]?$")
 _LEADING_NUMBER = re.compile(r"^\d+[-_ ]*")
+_NOT_PLURAL = {"christmas", "clothes", "people", "series", "species"}
 _CLAUSE_END = re.compile(r"[.!?,;:(—–]| - ")
 
 
@@ -62,11 +64,32 @@ def scene_caption(scenes: SceneDataset, image: int) -> str:
     return f"{_join(phrases)} {background_phrase(record['spec']['background'])}"
 
 
-def one_word_answer(scenes: SceneDataset, image: int) -> str:
-    """The last word of the largest visible object's name (ties: the earlier object)."""
+def category_word(item: str) -> str:
+    """One word for an object's kind: its second taxonomy level, or its first for a shallow
+    item, in the singular ("animals/birds/crow" -> "bird", "plants/thyme" -> "plant")."""
+    parts = item.split("/")
+    level = parts[1] if len(parts) >= 3 else parts[0]
+    word = level.lower().replace("_", " ").replace("-", " ").split()[-1]
+    if word in _NOT_PLURAL:
+        return word
+    if word.endswith("ies"):
+        return word[:-3] + "y"
+    if word.endswith("es") and word[:-2].endswith(("s", "x", "ch", "sh")):
+        return word[:-2]
+    if word.endswith("s") and not word.endswith("ss"):
+        return word[:-1]
+    return word
+
+
+def largest_object(scenes: SceneDataset, image: int) -> dict[str, Any] | None:
+    """The largest visible object of an image (ties: the earlier one), or None."""
     objects = scenes.records[image]["objects"]
     if not objects:
-        return "background"
-    largest = max(range(len(objects)), key=lambda j: (objects[j]["area"], -j))
-    obj = objects[largest]
-    return object_phrase(obj["item"], scenes.taxonomy.node(obj["item"]).caption).split()[-1]
+        return None
+    return objects[max(range(len(objects)), key=lambda j: (objects[j]["area"], -j))]
+
+
+def one_word_answer(scenes: SceneDataset, image: int) -> str:
+    """The kind of the largest visible object (`category_word`), "background" without one."""
+    obj = largest_object(scenes, image)
+    return "background" if obj is None else category_word(obj["item"])
