@@ -171,6 +171,7 @@ def align_projector(
     epochs: int,
     lr: float,
     seed: int,
+    progress: bool = False,
 ) -> list[float]:
     """Stage 0: MSE of each projected image token to its word's embedding (module docstring),
     background tokens weighted down to the object tokens' total (they are ~85% of the tokens
@@ -186,7 +187,7 @@ def align_projector(
     optimizer = torch.optim.AdamW(projector.parameters(), lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     losses = []
-    for _ in range(epochs):
+    for _ in tqdm(range(epochs), desc="align", disable=not progress, unit="epoch"):
         order = torch.randperm(len(x), generator=generator)
         total = 0.0
         for start in range(0, len(x), 2048):
@@ -220,7 +221,14 @@ def train_projector(vlm: VLM, config: BuildConfig, progress: bool = True) -> dic
         index, words = patch_words(vlm, scenes)
         targets = word_embeddings(vlm, words)[index]
         losses = align_projector(
-            vlm, features, targets, index == 0, config.align_epochs, config.lr, config.seed
+            vlm,
+            features,
+            targets,
+            index == 0,
+            config.align_epochs,
+            config.lr,
+            config.seed,
+            progress,
         )
         record["stages"]["align"] = {
             "epochs": config.align_epochs,
