@@ -30,7 +30,8 @@ from visae.sae import SAE, SAEConfig
 from visae.store import ActivationStore, extract
 from visae.train import RunSpec, TrainConfig, train
 from visae.vlm.packaged import IMAGE_SIZE, packaged_vlm
-from visae.vlm.steer import SteerConfig, load_concepts, steer
+from visae.vlm.steer import SteerConfig, load_concepts, resummarize, steer
+from visae.vlm.text import packaged_encoder
 
 SECTION = "bench_vlm_steer"
 LAYER = 10
@@ -38,6 +39,24 @@ LAYER = 10
 
 def _rate(block: dict) -> str:
     return f"{block['mean']:.3f} [{block['lo']:.3f}, {block['hi']:.3f}]"
+
+
+def _per_latent(summary: dict) -> list[str]:
+    """Each target's success per value and its most said word at the largest value with the
+    best success."""
+    by_latent: dict[int, list[dict]] = {}
+    for row in summary["per_latent"]:
+        by_latent.setdefault(row["latent"], []).append(row)
+    lines = []
+    for latent, rows in by_latent.items():
+        rates = "  ".join(f"x{r['value']:g} {r['success']:.2f}" for r in rows)
+        best = max(rows, key=lambda r: (r["success"], r["value"]))
+        words = ", ".join(f"{w} {n}" for w, n in best["words"])
+        concept = rows[0]["concept"].removeprefix("object:")
+        lines.append(
+            f"      latent {latent:>5} {concept:<20} {rates}   (x{best['value']:g}: {words})"
+        )
+    return lines
 
 
 def prepare(work: Path, tokens: int) -> tuple[Path, Path, Path]:
@@ -72,6 +91,11 @@ def main() -> None:
     parser.add_argument("--work", default=str(cache_dir() / "bench-vlm-steer"))
     parser.add_argument("--tokens", type=int, default=1_000_000, help="SAE training tokens")
     parser.add_argument("--images", type=int, default=SteerConfig().images)
+    parser.add_argument(
+        "--from-answers",
+        action="store_true",
+        help="recompute the summaries from the last run's answers.csv, without generating",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     note = load_note()
@@ -81,24 +105,27 @@ def main() -> None:
     dataset = load_dataset("scenes")
     concepts = load_concepts(evaluation, taxonomy=dataset.taxonomy)
     images = [dataset.image(i) for i in range(len(dataset))]
-    vlm = packaged_vlm()
+    vlm = None if args.from_answers else packaged_vlm()
     sae = SAE.load(sae_dir)
     block = []
     for mode in ("error", "replace"):
-        t = time.perf_counter()
-        result = steer(
-            vlm,
-            sae,
-            concepts,
-            images,
-            [str(i) for i in range(len(images))],
-            work / f"steer-{mode}",
-            config=SteerConfig(mode=mode, images=args.images),
-            analysis=analysis,
-            sae_name=str(sae_dir),
-        )
+        start = len(block)
+        if args.from_answers:
+            result = resummarize(work / f"steer-{mode}", concepts, packaged_encoder())
+        else:
+            result = steer(
+                vlm,
+                sae,
+                concepts,
+                images,
+                [str(i) for i in range(len(images))],
+                work / f"steer-{mode}",
+                config=SteerConfig(mode=mode, images=args.images),
+                analysis=analysis,
+                sae_name=str(sae_dir),
+            )
         block.append(
-            f"mode {mode}: {result['generations']} generations in {time.perf_counter() - t:.0f} s"
+            f"mode {mode}: {result['generations']} generations in {result['seconds']:.0f} s"
         )
         for s in result["settings"]:
             concepts_line = ", ".join(t["concept"].removeprefix("object:") for t in s["targets"])
@@ -114,7 +141,8 @@ def main() -> None:
                         f"  | vs random: {b['minus_random_latent']['verdict']}, vs shuffled: "
                         f"{b['minus_shuffled_names']['verdict']}"
                     )
-        print("\n".join(block), flush=True)
+            block += _per_latent(s)
+        print("\n".join(block[start:]), flush=True)
     total = time.perf_counter() - started
     if args.no_write:
         return
@@ -124,7 +152,12 @@ def main() -> None:
             "Steering the packaged VLM through its tower's SAE (bench_vlm_steer.py)",
             "python benchmarks/bench_vlm_steer.py",
             block,
-            detail=f"({total:.0f} s with the SAE pipeline; {note})",
+            detail=(
+                "(summaries recomputed from the answers of the last full run, whose generation "
+                f"times are shown; {note})"
+                if args.from_answers
+                else f"({total:.0f} s with the SAE pipeline; {note})"
+            ),
             before=[
                 "Success: the answer's first word names the latent's matched concept (taxonomy "
                 "match); similarity: MiniLM cosine between that word and the concept's name. "

@@ -139,9 +139,10 @@ def test_a_llava_checkpoint_is_a_backbone_of_its_tower_alone(tiny, tmp_path: Pat
     shutil.copytree(tiny.name, half_dir)
     half = load_llava(str(half_dir), dtype="float16")
     half.model.save_pretrained(half_dir)
-    assert load_backbone(str(half_dir)).weights_hash == load_llava(
-        str(half_dir), dtype="float16"
-    ).tower().weights_hash
+    assert (
+        load_backbone(str(half_dir)).weights_hash
+        == load_llava(str(half_dir), dtype="float16").tower().weights_hash
+    )
 
 
 def test_not_a_llava_is_a_one_line_error(tmp_path: Path) -> None:
@@ -353,7 +354,9 @@ class _Words:
         return np.asarray([[float(x == y) for y in b] for x in a])
 
 
-def test_steering_runs_both_settings_with_baselines_and_a_report(tiny, steer_parts) -> None:
+@pytest.fixture(scope="module")
+def steered(tiny, steer_parts):
+    """One steering run of the tiny LLaVA (both settings, two values): (result, out folder)."""
     from visae.sae import SAE
     from visae.vlm.steer import Concepts, SteerConfig, load_concepts, steer
 
@@ -375,6 +378,11 @@ def test_steering_runs_both_settings_with_baselines_and_a_report(tiny, steer_par
         analysis=analysis,
         encoder=_Words(),
     )
+    return result, root / "out"
+
+
+def test_steering_runs_both_settings_with_baselines_and_a_report(steered) -> None:
+    result, out = steered
     names = [s["setting"] for s in result["settings"]]
     assert names == ["coarsest", "white"]
     coarse = result["settings"][0]
@@ -394,11 +402,43 @@ def test_steering_runs_both_settings_with_baselines_and_a_report(tiny, steer_par
                 "below baseline",
                 "indistinguishable from baseline",
             )
-    rows = (root / "out" / "answers.csv").read_text().splitlines()
-    assert len(rows) == 1 + sum(1 for _ in rows[1:])
-    html = (root / "out" / "report.html").read_text()
-    assert "Setting: coarsest" in html and (root / "out" / "dose_white.png").is_file()
-    assert json.loads((root / "out" / "steer.json").read_text())["layer"] == 1
+    rows = (out / "answers.csv").read_text().splitlines()
+    n_white = len(result["settings"][1]["targets"])
+    # steered + random per value, then unsteered, per target and image
+    assert len(rows) == 1 + (2 * 2 + 1) * (n_targets * 3 + n_white)
+    html = (out / "report.html").read_text()
+    assert "Setting: coarsest" in html and (out / "dose_white.png").is_file()
+    assert json.loads((out / "steer.json").read_text())["layer"] == 1
+    assert list((out / "images").glob("top_*.jpg"))  # the latents' top images
+
+
+def test_the_steering_report_in_chromium_from_a_copy(steered, tmp_path: Path) -> None:
+    """Every image of a moved report loads, from inside its folder only."""
+    import shutil
+
+    from system_deps import require
+    from test_viewer import CHROMIUM, CHROMIUM_ARGS
+
+    require(CHROMIUM.exists(), "Debian chromium")
+    from playwright.sync_api import sync_playwright
+
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(steered[1], moved)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        page = browser.new_page()
+        requests: list[str] = []
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto((moved / "report.html").as_uri(), wait_until="load")
+        imgs = page.eval_on_selector_all(
+            "img", "is => is.map(i => [i.getAttribute('src'), i.complete, i.naturalWidth])"
+        )
+        assert len(imgs) > 4 and all(done and width > 0 for _, done, width in imgs), imgs
+        assert all(u.startswith(moved.as_uri() + "/") for u in requests)
+        assert page.locator("table").count() == 2
+        browser.close()
 
 
 def test_setting_a_latent_to_its_own_code_changes_nothing(tiny, steer_parts) -> None:
@@ -490,6 +530,64 @@ def test_the_steer_and_ask_commands_on_a_local_llava(tiny, steer_parts, capsys) 
     assert capsys.readouterr().out.startswith(f"{image}: ")
     assert main(["steer", "--sae", str(sae_dir), "--vlm", tiny.name, "--out", str(out)]) == 2
     assert "pass --eval or --analysis" in capsys.readouterr().err
+
+
+def test_the_summary_finds_a_planted_steering_effect_and_none_where_there_is_none() -> None:
+    from visae.data.taxonomy import Taxonomy
+    from visae.vlm.steer import Concepts, Setting, SteerConfig, Target, summarize
+
+    taxonomy = Taxonomy(
+        {"animals/birds/crow": None, "food/fruit/apple": None, "vehicles/car": None}
+    )
+    concepts = Concepts({1: "object:animals/birds", 2: "object:food", 3: "object:vehicles"})
+    concepts.taxonomy = taxonomy
+    targets = [
+        Target(1, "object:animals/birds"),
+        Target(2, "object:food"),
+        Target(3, "object:food/nut"),
+    ]
+    said = {1: "crow", 2: "apple", 3: "nut"}
+
+    def setting(effect: bool) -> Setting:
+        s = Setting("planted", targets, [7, 8, 9], [str(i) for i in range(6)])
+        for t in targets:
+            for _ in range(6):
+                steered = said[t.latent] if effect else "graphic"
+                for kind, word in (("steered", steered), ("random", "graphic")):
+                    s.rows.append(
+                        dict(
+                            kind=kind,
+                            target=t.latent,
+                            value=2.0,
+                            word=word,
+                            match=False,
+                            similarity=0.0,
+                        )
+                    )
+                s.rows.append(
+                    dict(
+                        kind="unsteered",
+                        target=t.latent,
+                        value="",
+                        word="graphic",
+                        match=False,
+                        similarity=0.0,
+                    )
+                )
+        for r in s.rows:  # scored as run_setting scores them
+            concept = next(t.concept for t in targets if t.latent == r["target"])
+            r["match"] = r["word"] in concepts.words(concept)
+        return s
+
+    config = SteerConfig(values=(2.0,), boot=500)
+    hit = summarize(setting(True), concepts, _Words(), config)["doses"][0]["success"]
+    assert hit["steered"]["mean"] == 1.0 and hit["unsteered"]["mean"] == 0.0
+    assert hit["shuffled_names"]["mean"] == 0.0  # crow is no food, apple no vehicle, ...
+    for base in ("unsteered", "random_latent", "shuffled_names"):
+        assert hit[f"minus_{base}"]["verdict"] == "above baseline"
+    none = summarize(setting(False), concepts, _Words(), config)["doses"][0]["success"]
+    assert none["steered"]["mean"] == 0.0
+    assert none["minus_random_latent"]["verdict"] == "indistinguishable from baseline"
 
 
 # ---------------------------------------------------------------- words and concepts
@@ -595,6 +693,33 @@ def test_the_packaged_vlm_answers_a_scenes_question_with_its_committed_projector
     with torch.inference_mode():
         out = vlm.model.generate(**ids, max_new_tokens=4, do_sample=False)
     assert "Paris" in vlm.tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
+
+
+@pytest.mark.slow
+@needs_wheel
+def test_vlm_build_trains_and_writes_a_projector_the_vlm_loads(tmp_path: Path, capsys) -> None:
+    from visae.cli import main
+    from visae.vlm.packaged import PROJECTOR_INFO, load_projector, packaged_vlm
+
+    out = tmp_path / "projector"
+    argv = ["vlm", "build", "--out", str(out), "--scenes", "16", "--align-epochs", "2"]
+    argv += ["--caption-samples", "8", "--answer-samples", "8", "--quiet"]
+    assert main(argv) == 0
+    assert "answer loss" in capsys.readouterr().out
+    info = json.loads((out / PROJECTOR_INFO).read_text())
+    assert [s for s in info["stages"]] == ["align", "caption", "answer"]
+    assert info["stages"]["answer"]["steps"] == 1 and info["config"]["scenes"] == 16
+    vlm = packaged_vlm(out)
+    fresh = packaged_vlm(None)
+    assert load_projector(fresh.model, out)["seconds"] == info["seconds"]
+    for a, b in zip(
+        vlm.model.model.multi_modal_projector.parameters(),
+        fresh.model.model.multi_modal_projector.parameters(),
+        strict=True,
+    ):
+        assert torch.equal(a, b)
+    assert main(argv) == 2  # an existing projector is kept without --overwrite
+    assert "--overwrite" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -34,6 +34,9 @@ def add_vlm_arguments(sub: Any) -> None:
         help="projector folder (default: the committed one, which this rebuilds)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing projector")
+    p.add_argument(
+        "--align-epochs", type=int, default=d.align_epochs, help="warm-start epochs (0: none)"
+    )
     p.add_argument("--caption-samples", type=int, default=d.caption_samples)
     p.add_argument("--answer-samples", type=int, default=d.answer_samples)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -72,6 +75,7 @@ def run_build(args: argparse.Namespace) -> int:
     if (out / PROJECTOR_WEIGHTS).is_file() and not args.overwrite:
         raise VisaeError(f"{out} holds a projector already: pass --overwrite to rebuild it")
     config = BuildConfig(
+        align_epochs=args.align_epochs,
         caption_samples=args.caption_samples,
         answer_samples=args.answer_samples,
         batch_size=args.batch_size,

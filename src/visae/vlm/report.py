@@ -61,18 +61,20 @@ def _thumb(image: Image.Image, path: Path, size: int = 112) -> str:
     return path.name
 
 
-def _top_images(analysis: Path | None, latent: int, n: int = 4) -> list[str]:
-    """Relative paths of the latent's top-image thumbnails in the analysis folder, if any."""
+def _top_images(analysis: Any, latent: int, folder: Path, n: int = 4) -> list[str]:
+    """The latent's top-image thumbnails from the analysis, copied beside the report (so it
+    can be moved), as paths relative to it."""
     if analysis is None:
         return []
-    from visae.analysis import Analysis
+    import shutil
 
-    a = Analysis.load(analysis)
     out = []
-    for entry in a.top(latent)[:n]:
-        thumb = Path(analysis) / "thumbs" / f"{entry.image:07d}.jpg"
+    for rank, entry in enumerate(analysis.top(latent)[:n]):
+        thumb = Path(analysis.path) / "thumbs" / f"{entry.image:07d}.jpg"
         if thumb.is_file():
-            out.append(thumb.resolve().as_uri())
+            name = f"top_{latent}_{rank}.jpg"
+            shutil.copyfile(thumb, folder / name)
+            out.append(f"images/{name}")
     return out
 
 
@@ -108,8 +110,11 @@ def write_report(
     analysis: str | Path | None,
 ) -> Path:
     """`out/report.html` with its plots and thumbnails beside it."""
+    from visae.analysis import Analysis
+
     thumbs = out / "images"
     thumbs.mkdir(exist_ok=True)
+    loaded = Analysis.load(analysis) if analysis is not None else None
     files = {i: _thumb(im, thumbs / f"{k:04d}.jpg") for k, (i, im) in enumerate(pictures.items())}
     top = max(result["config"]["values"])
     parts = [
@@ -138,7 +143,7 @@ def write_report(
                 if r["kind"] == "steered" and r["target"] == t.latent and r["value"] == top
             ][:EXAMPLES_PER_TARGET]
             tops = "".join(
-                f"<img src='{_e(u)}' width='64'>" for u in _top_images(analysis, t.latent)
+                f"<img src='{_e(u)}' width='64'>" for u in _top_images(loaded, t.latent, thumbs)
             )
             cells = "".join(
                 f"<span><img src='images/{files[r['image']]}' width='72'> "

@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -404,7 +405,66 @@ def summarize(
         "shuffled_concepts": [names[p] for p in perm],
         "images": setting.image_ids,
         "doses": doses,
+        "per_latent": latent_table(setting, config.values),
     }
+
+
+def latent_table(setting: Setting, values: Sequence[float]) -> list[dict[str, Any]]:
+    """Per target latent and value: its success rate over the images and the words it made
+    the model say most (the aggregate's intervals hide which latents steer)."""
+    out = []
+    for t in setting.targets:
+        for value in values:
+            rows = [
+                r
+                for r in setting.rows
+                if r["kind"] == "steered" and r["target"] == t.latent and r["value"] == value
+            ]
+            words = Counter(r["word"] for r in rows).most_common(3)
+            out.append(
+                {
+                    "latent": t.latent,
+                    "concept": t.concept,
+                    "value": value,
+                    "success": float(np.mean([bool(r["match"]) for r in rows])) if rows else None,
+                    "words": [[w, n] for w, n in words],
+                }
+            )
+    return out
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """`answers.csv` back as rows of the types `run_setting` wrote."""
+    with open(path, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["target"] = int(r["target"])
+        r["value"] = float(r["value"]) if r["value"] else ""
+        r["match"] = r["match"] == "True"
+        r["similarity"] = float(r["similarity"])
+    return rows
+
+
+def resummarize(out: str | Path, concepts: Concepts, encoder: Any) -> dict[str, Any]:
+    """A finished run's `steer.json` recomputed from its `answers.csv` (with this code's
+    summary), without generating again; written back in place."""
+    out = Path(out)
+    result = json.loads((out / "steer.json").read_text(encoding="utf-8"))
+    config = SteerConfig(**(result["config"] | {"values": tuple(result["config"]["values"])}))
+    rows = read_rows(out / "answers.csv")
+    summaries = []
+    for s in result["settings"]:
+        setting = Setting(
+            s["setting"],
+            [Target(t["latent"], t["concept"], t.get("f1")) for t in s["targets"]],
+            list(s["controls"]),
+            list(s["images"]),
+            [r for r in rows if r["setting"] == s["setting"]],
+        )
+        summaries.append(summarize(setting, concepts, encoder, config))
+    result["settings"] = summaries
+    write_text(out / "steer.json", json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def white_image(size: int) -> Image.Image:
