@@ -89,7 +89,8 @@ def _table(summary: dict[str, Any]) -> str:
         for metric, label in METRICS:
             b = d[metric]
             cells = "".join(
-                f"<td>{_rate(b[k])}<br><small>{_e(b['minus_' + k]['verdict'])}</small></td>"
+                f"<td>{_rate(b[k])}<br><small>steered - this: "
+                f"{_e(b['minus_' + k]['verdict'])}</small></td>"
                 for k, _ in BASELINES
             )
             rows.append(
@@ -116,7 +117,6 @@ def write_report(
     thumbs.mkdir(exist_ok=True)
     loaded = Analysis.load(analysis) if analysis is not None else None
     files = {i: _thumb(im, thumbs / f"{k:04d}.jpg") for k, (i, im) in enumerate(pictures.items())}
-    top = max(result["config"]["values"])
     parts = [
         "<!doctype html><meta charset='utf-8'><title>visae steering</title>",
         "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}"
@@ -135,13 +135,19 @@ def write_report(
         plot_doses(summary | {"relative": result["config"]["relative"]}, out / plot)
         parts.append(f"<h2>Setting: {_e(setting.name)}</h2><img src='{plot}' width='900'>")
         parts.append(_table(summary))
-        parts.append(f"<h3>Examples at value {top:g}</h3>")
+        parts.append(
+            "<h3>Examples: each latent at its most successful value, answers that name the "
+            "concept first</h3>"
+        )
         for t in setting.targets:
+            rates = [r for r in summary["per_latent"] if r["latent"] == t.latent]
+            best = max(rates, key=lambda r: (r["success"] or 0.0, -r["value"]))["value"]
             rows = [
                 r
                 for r in setting.rows
-                if r["kind"] == "steered" and r["target"] == t.latent and r["value"] == top
-            ][:EXAMPLES_PER_TARGET]
+                if r["kind"] == "steered" and r["target"] == t.latent and r["value"] == best
+            ]
+            rows = sorted(rows, key=lambda r: not r["match"])[:EXAMPLES_PER_TARGET]
             tops = "".join(
                 f"<img src='{_e(u)}' width='64'>" for u in _top_images(loaded, t.latent, thumbs)
             )
@@ -152,7 +158,7 @@ def write_report(
                 for r in rows
             )
             parts.append(
-                f"<div class='ex'>latent {t.latent} <b>{_e(t.concept)}</b> "
+                f"<div class='ex'>latent {t.latent} <b>{_e(t.concept)}</b> at {best:g}: "
                 f"top images {tops}<br>{cells}</div>"
             )
     path = out / "report.html"
