@@ -167,3 +167,94 @@ def test_study_plan_command(analysis_dir: Path, tmp_path: Path, capsys) -> None:
     spec.write_text(json.dumps(_spec(analysis_dir, references=0)))
     assert main(["study", "plan", str(spec)]) == 2
     assert "references must be a positive integer" in capsys.readouterr().err
+
+
+def _responses(trials, a, path: Path, skill_of, n_participants: int, seed: int = 0) -> None:
+    """Simulated participants answering every feature's two trials, two checks and a
+    practice trial each, written in the responses format."""
+    import csv
+
+    from visae.study.responses import COLUMNS
+
+    rng = np.random.default_rng(seed)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        base = {c: "" for c in COLUMNS} | {"seconds": "3.0"}
+        for p in range(n_participants):
+            pid, skill = f"p{p}", skill_of(p)
+            w.writerow(base | {"participant": pid, "kind": "practice", "protocol": "name"})
+            for k in range(2):
+                ok = "0" if (p == 0 and k == 0) else "1"  # p0 fails a check
+                w.writerow(base | {"participant": pid, "kind": "check", "passed": ok})
+            for t in trials:
+                m = a.latent_map(t.query, t.feature.latent)
+                x, y = click(m, skill, rng)
+                row = base | {"participant": pid, "kind": "main", "sae": t.feature.sae}
+                w.writerow(
+                    row
+                    | {
+                        "protocol": "localize",
+                        "latent": t.feature.latent,
+                        "image": t.query,
+                        "clicks": f"{x},{y}",
+                        "seconds": "0.2" if (p == 1 and t is trials[0]) else "3.0",
+                    }
+                )
+                w.writerow(
+                    row
+                    | {
+                        "protocol": "name",
+                        "latent": t.feature.latent,
+                        "pick": pick(t.correct, len(t.choices), skill, rng),
+                        "correct": t.correct,
+                        "choices": len(t.choices),
+                    }
+                )
+
+
+def test_scoring_collected_responses_with_exclusions_and_proxies(
+    analysis_dir: Path, tmp_path: Path, capsys
+) -> None:
+    from visae.analysis import Analysis
+    from visae.cli import main
+    from visae.study.responses import read_responses, score_responses
+
+    a = Analysis.load(analysis_dir)
+    spec = parse_spec(_spec(analysis_dir))
+    trials = build_trials(spec)
+    oracle, random = tmp_path / "oracle.csv", tmp_path / "random.csv"
+    _responses(trials, a, oracle, lambda p: 1.0, 8)
+    _responses(trials, a, random, lambda p: 0.0, 100, seed=1)
+    s = score_responses(spec, read_responses(oracle), boot=200)
+    assert s["exclusions"] == {"participants": ("p0",), "fast_trials": 1}
+    by = {x["protocol"]: x for x in s["scores"]}
+    assert by["localize"]["mean"] == pytest.approx(1.0) and by["name"]["mean"] == pytest.approx(1)
+    assert by["localize"]["n_participants"] == 7 and by["localize"]["n_features"] == 12
+    r = {
+        x["protocol"]: x for x in score_responses(spec, read_responses(random), boot=200)["scores"]
+    }
+    for protocol in ("localize", "name"):
+        assert abs(r[protocol]["mean"]) < 0.05 and r[protocol]["lo"] < 0 < r[protocol]["hi"]
+    # a proxy column as `visae evaluate --analysis` puts it into the analysis: its Spearman
+    # correlation with the per-feature human scores is reported
+    locality = np.zeros(a.n_latents)
+    locality[[t.feature.latent for t in trials]] = np.arange(len(trials))
+    a.add_metric("locality", locality)
+    noisy = tmp_path / "noisy.csv"
+    _responses(trials, a, noisy, lambda p: 0.5, 30, seed=2)
+    scored = score_responses(parse_spec(_spec(analysis_dir)), read_responses(noisy), boot=200)
+    rho = [x["proxy_correlation"]["locality"] for x in scored["scores"]]
+    assert all(r["n"] == 12 and -1 <= r["spearman"] <= 1 for r in rho)
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(_spec(analysis_dir)))
+    out = tmp_path / "scores.json"
+    assert main(["study", "score", str(spec_file), str(oracle), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "excluded: 1 participants (failed checks), 1 trials faster than 1 s" in printed
+    assert "locality rho undefined (constant) (n 12)" in printed  # the oracle scores 1 everywhere
+    assert json.loads(out.read_text())["exclusions"]["participants"] == ["p0"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("participant,kind\np,main\n")
+    assert main(["study", "score", str(spec_file), str(bad)]) == 2
+    assert "lack the column 'protocol'" in capsys.readouterr().err

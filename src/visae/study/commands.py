@@ -1,4 +1,5 @@
-"""`visae study plan SPEC`: the features and trials a study spec gives, before anyone runs it."""
+"""`visae study plan SPEC` (the features and trials a spec gives, before anyone runs it) and
+`visae study score SPEC RESPONSES` (their scores once responses are in)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,14 @@ def add_study_arguments(sub: Any) -> None:
     p.add_argument("spec", help="study spec, .json or .yaml (see docs/studies.md)")
     p.add_argument("--out", help="write the plan as JSON here")
     p.set_defaults(handler=run_plan)
+    p = ssub.add_parser(
+        "score",
+        help="chance-anchored scores of collected responses (a CSV), exclusions applied first",
+    )
+    p.add_argument("spec", help="the study's spec")
+    p.add_argument("responses", help="responses CSV (columns: see docs/studies.md)")
+    p.add_argument("--out", help="write every score as JSON here")
+    p.set_defaults(handler=run_score)
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -42,4 +51,33 @@ def run_plan(args: argparse.Namespace) -> int:
         }
         write_text(Path(args.out), json.dumps(plan, indent=2) + "\n")
         print(f"plan written to {args.out}")
+    return 0
+
+
+def run_score(args: argparse.Namespace) -> int:
+    from visae.study.responses import read_responses, score_responses
+    from visae.study.spec import load_spec
+
+    spec = load_spec(args.spec)
+    result = score_responses(spec, read_responses(args.responses))
+    ex = result["exclusions"]
+    print(
+        f"excluded: {len(ex['participants'])} participants (failed checks), "
+        f"{ex['fast_trials']} trials faster than {spec.exclusions.min_seconds:g} s"
+    )
+    for s in result["scores"]:
+        proxies = ", ".join(
+            f"{k} rho "
+            + ("undefined (constant)" if v["spearman"] is None else f"{v['spearman']:.2f}")
+            + f" (n {v['n']})"
+            for k, v in s["proxy_correlation"].items()
+        )
+        print(
+            f"{s['sae']} {s['protocol']}: S {s['mean']:.3f} [{s['lo']:.3f}, {s['hi']:.3f}] "
+            f"({s['n_participants']} participants, {s['n_features']} features)"
+            + (f"; {proxies}" if proxies else "")
+        )
+    if args.out:
+        write_text(Path(args.out), json.dumps(result, indent=2) + "\n")
+        print(f"scores written to {args.out}")
     return 0
