@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_note, report, write_section
+from common import interval, load_note, report, write_section
 
 from visae.data import SceneConfig
 from visae.data.default import cached_scenes
@@ -35,10 +35,6 @@ AFTER = (
     "at cosine >= 0.7 MiniLM makes 'mammal' a synonym of 'animal', which names most scenes, so "
     "the constant answer gains as much as the model does."
 )
-
-
-def _rate(block: dict) -> str:
-    return f"{block['mean']:.3f} [{block['lo']:.3f}, {block['hi']:.3f}]"
 
 
 def main() -> None:
@@ -65,13 +61,13 @@ def main() -> None:
         for metric in ("exact", "synonym"):
             m = q[metric]
             block.append(
-                f"  {metric:<7} hit rate {_rate(m['model'])}   most-frequent answer "
-                f"'{q['most_frequent_answer']}' {_rate(m['most_frequent_answer'])}   best constant "
-                f"'{q['best_constant']}' {_rate(m['best_constant'])}"
+                f"  {metric:<7} hit rate {interval(m['model'])}   most-frequent answer "
+                f"'{q['most_frequent_answer']}' {interval(m['most_frequent_answer'])}   "
+                f"best constant '{q['best_constant']}' {interval(m['best_constant'])}"
             )
             block.append(
-                f"          model - most-frequent {_rate(m['model_minus_most_frequent_answer'])}"
-                f"   model - best constant {_rate(m['model_minus_best_constant'])}"
+                f"          model - most-frequent {interval(m['model_minus_most_frequent_answer'])}"
+                f"   model - best constant {interval(m['model_minus_best_constant'])}"
             )
         top = ", ".join(f"{w} {c}" for w, c in q["top_answers"][:8])
         block.append(f"  {q['distinct_answers']} distinct first words; most said: {top}")

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_note, report, write_section
+from common import interval, load_note, report, write_section
 
 from visae.analysis import run_analysis
 from visae.backbones import load_backbone
@@ -35,10 +35,6 @@ from visae.vlm.text import packaged_encoder
 
 SECTION = "bench_vlm_steer"
 LAYER = 10
-
-
-def _rate(block: dict) -> str:
-    return f"{block['mean']:.3f} [{block['lo']:.3f}, {block['hi']:.3f}]"
 
 
 def _per_latent(summary: dict) -> list[str]:
@@ -134,7 +130,7 @@ def main() -> None:
                 for metric in ("success", "similarity"):
                     b = dose[metric]
                     block.append(
-                        f"    x{dose['value']:<3g} {metric:<10} steered {_rate(b['steered'])}  "
+                        f"    x{dose['value']:<3g} {metric:<10} steered {interval(b['steered'])}  "
                         f"unsteered {b['unsteered']['mean']:.3f}  random latent "
                         f"{b['random_latent']['mean']:.3f}  shuffled "
                         f"{b['shuffled_names']['mean']:.3f}"

@@ -86,3 +86,8 @@ def write_section(section: str, text: str) -> None:
     tmp = RESULTS.with_suffix(".md.tmp")
     tmp.write_text(new)
     tmp.replace(RESULTS)
+
+
+def interval(block: dict) -> str:
+    """`mean [lo, hi]` of a {mean, lo, hi} result, three decimals."""
+    return f"{block['mean']:.3f} [{block['lo']:.3f}, {block['hi']:.3f}]"

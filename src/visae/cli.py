@@ -29,7 +29,7 @@ from visae.intervene.commands import (
     run_intervene,
     run_study_command,
 )
-from visae.study.commands import add_study_arguments as add_human_study_arguments
+from visae.study.commands import add_study_commands
 from visae.vlm.commands import add_steer_arguments, add_vlm_arguments, run_steer
 
 
@@ -651,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=run_study_command)
 
     add_vlm_arguments(sub)
-    add_human_study_arguments(sub)
+    add_study_commands(sub)
 
     p = sub.add_parser(
         "steer",

@@ -274,6 +274,12 @@ def load_hf_backbone(spec: str, name: str | None = None) -> HFBackbone:
             f"{spec}: the checkpoint lacks {len(missing)} weights of {type(model).__name__} "
             f"(e.g. {', '.join(missing[:3])}); they would be random"
         )
+    return _wrap(model, family, spec, name)
+
+
+def _wrap(model: torch.nn.Module, family: Family, spec: str, name: str | None) -> HFBackbone:
+    """A loaded vision model as a float32 backbone named by its spec, with the spec's own
+    preprocessing."""
     model = model.float().eval()
     if name is None:
         name = str(Path(spec).resolve()) if Path(spec).is_dir() else spec
@@ -329,8 +335,4 @@ def load_llava_tower(spec: str, config: Any, name: str | None = None) -> HFBackb
             f"{spec}: the vision tower's tensors do not fit {type(model).__name__} "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    model = model.float().eval()
-    if name is None:
-        name = str(Path(spec).resolve()) if Path(spec).is_dir() else spec
-    preprocessor = _preprocessor_for(spec, name, family, vision_config)
-    return HFBackbone(model, family, preprocessor, name)
+    return _wrap(model, family, spec, name)

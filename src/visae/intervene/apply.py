@@ -79,6 +79,17 @@ def check_pair(
     trained_layer = info.get("layer")
     if trained_layer is not None and int(trained_layer) != layer:
         raise VisaeError(f"the SAE was trained on layer {trained_layer}, not layer {layer}")
+    trained_layout = (((info.get("store") or {}).get("layers") or {}).get(str(layer)) or {}).get(
+        "layout"
+    )
+    grid = list(backbone.layout(layer).grid)
+    if trained_layout and list(trained_layout["grid"]) != grid:
+        size = backbone.preprocessing["output_size"][0]
+        rows, cols = trained_layout["grid"]
+        raise VisaeError(
+            f"the SAE was trained on a {rows}x{cols} token grid; {backbone.name} gives "
+            f"{grid[0]}x{grid[1]} ({size} px): extract with --image-size {size}"
+        )
     return layer
 
 

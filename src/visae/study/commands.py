@@ -13,7 +13,7 @@ from typing import Any
 from visae.atomic import write_text
 
 
-def add_study_arguments(sub: Any) -> None:
+def add_study_commands(sub: Any) -> None:
     study = sub.add_parser("study", help="human interpretability studies: plan one from a spec")
     ssub = study.add_subparsers(dest="study_command", required=True, metavar="ACTION")
     p = ssub.add_parser(

@@ -245,7 +245,7 @@ def train_projector(vlm: VLM, config: BuildConfig, progress: bool = True) -> dic
     steps = [math.ceil(s / config.batch_size) for _, _, s, _ in stages]
     optimizer = torch.optim.AdamW(vlm.trainable(), lr=config.lr, weight_decay=0.0)
     total, step = sum(steps), 0
-    pad = vlm.tokenizer.pad_token_id or vlm.tokenizer.eos_token_id
+    pad = vlm.pad_token_id
     bar = tqdm(total=total, desc="projector", disable=not progress, unit="step")
     vlm.model.train()
     for (name, question, samples, target), n_steps in zip(stages, steps, strict=True):

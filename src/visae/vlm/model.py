@@ -48,6 +48,12 @@ class VLM:
         return int(getattr(cfg, "image_token_id", None) or cfg.image_token_index)
 
     @property
+    def pad_token_id(self) -> int:
+        """The tokenizer's padding id, its end-of-sequence id when it has none."""
+        pad = self.tokenizer.pad_token_id
+        return int(self.tokenizer.eos_token_id if pad is None else pad)
+
+    @property
     def vision_tower(self) -> torch.nn.Module:
         return self.model.model.vision_tower
 
@@ -120,7 +126,7 @@ class VLM:
             pixel_values=pixels.to(self.device, self.model.dtype),
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+            pad_token_id=self.pad_token_id,
         )
         return [
             t.strip()

@@ -173,10 +173,12 @@ def load_concepts(
     raise VisaeError("steering needs the latents' concepts: give an evaluation or an analysis")
 
 
-def check_sae(vlm: VLM, sae: Any, tower: Any, layer: int | None = None) -> int:
+def check_sae(
+    vlm: VLM, sae: Any, tower: Any, layer: int | None = None, weights_hash: str | None = None
+) -> int:
     """The tower layer to edit (default: the one the projector reads; an earlier one reaches the
     projector through the blocks after it), refusing an SAE of another model's weights, another
-    layer or another input size."""
+    layer or another input size (`check_pair`)."""
     from visae.intervene.apply import check_pair
 
     reads = vlm.feature_layer
@@ -192,17 +194,7 @@ def check_sae(vlm: VLM, sae: Any, tower: Any, layer: int | None = None) -> int:
             f"the SAE was trained on layer {trained}, not layer {layer} (the projector of "
             f"{vlm.name} reads layer {reads})"
         )
-    check_pair(tower, sae, layer)
-    store = sae.checkpoint_info.get("store") or {}
-    layout = ((store.get("layers") or {}).get(str(layer)) or {}).get("layout")
-    have = list(tower.layout(layer).grid)
-    if layout and list(layout["grid"]) != have:
-        h = vlm.preprocessor.output_hw[0]
-        raise VisaeError(
-            f"the SAE was trained on a {layout['grid'][0]}x{layout['grid'][1]} token grid; "
-            f"{vlm.name} sees {have[0]}x{have[1]} ({h} px): extract with --image-size {h}"
-        )
-    return layer
+    return check_pair(tower, sae, layer, weights_hash)
 
 
 class Steerer:
@@ -218,8 +210,8 @@ class Steerer:
     ) -> None:
         self.vlm, self.sae, self.config = vlm, sae, config
         self.tower = vlm.tower()
-        self.layer = check_sae(vlm, sae, self.tower, layer)
-        self.hash = self.tower.weights_hash
+        self.hash = self.tower.weights_hash  # hashed once: every edit's check reuses it
+        self.layer = check_sae(vlm, sae, self.tower, layer, self.hash)
         if config.relative and max_acts is None:
             raise VisaeError("relative steering values need an analysis (the latents' maxima)")
         self.max_acts = max_acts
