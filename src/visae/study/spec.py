@@ -37,6 +37,9 @@ class StudySpec:
     strata: int = 4  # frequency strata the features are drawn from, equally
     max_frequency: float = 0.5  # near-dense latents (firing on more images) are excluded
     seed: int = 0
+    max_clicks: int = 3  # localization: a response is 1 to max_clicks clicks
+    completion_code: str = ""  # the recruiting platform's code; empty: one per participant
+    completion_url: str = ""  # where the debrief sends participants (the code appended)
     exclusions: Exclusions = field(default_factory=Exclusions)
 
     def __post_init__(self) -> None:
@@ -44,7 +47,13 @@ class StudySpec:
             raise VisaeError("study spec: name must be a non-empty string")
         if not self.analyses:
             raise VisaeError("study spec: analyses must list at least one analysis folder")
-        for key in ("features_per_sae", "references", "trials_per_participant", "strata"):
+        for key in (
+            "features_per_sae",
+            "references",
+            "trials_per_participant",
+            "strata",
+            "max_clicks",
+        ):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise VisaeError(f"study spec: {key} must be a positive integer")
         for key in ("practice", "attention_checks"):
@@ -57,6 +66,11 @@ class StudySpec:
             raise VisaeError(f"study spec: protocols must be among {', '.join(PROTOCOLS)}")
         if not 0 < self.max_frequency <= 1:
             raise VisaeError("study spec: max_frequency must be in (0, 1]")
+        for key in ("completion_code", "completion_url"):
+            if not isinstance(getattr(self, key), str):
+                raise VisaeError(f"study spec: {key} must be a string")
+        if self.completion_url and not self.completion_url.startswith(("https://", "http://")):
+            raise VisaeError("study spec: completion_url must be an http(s) URL")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"analyses": list(self.analyses), "protocols": list(self.protocols)}

@@ -9,6 +9,8 @@ sample where it does not fire at all, in a seeded random order.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,15 +34,22 @@ class Feature:
 
 
 def sample_features(
-    analysis: Any, n: int, strata: int, max_frequency: float, seed: int, min_images: int = 1
+    analysis: Any,
+    n: int,
+    strata: int,
+    max_frequency: float,
+    seed: int,
+    min_images: int = 1,
+    exclude: frozenset[int] = frozenset(),
 ) -> list[Feature]:
     """`n` live latents of `analysis` that fire on at least `min_images` images and on at most
     `max_frequency` of them, drawn equally (as far as each holds enough) from `strata` quantile
-    bins of log frequency."""
+    bins of log frequency; latents in `exclude` are never drawn."""
     freq = np.asarray(analysis.table["freq_image"], float)
     dead = np.asarray(analysis.dead, bool)
     enough = freq * analysis.n_images >= min_images - 1e-9
     ok = np.flatnonzero(~dead & (freq > 0) & enough & (freq <= max_frequency))
+    ok = ok[~np.isin(ok, sorted(exclude))]
     if len(ok) < n:
         raise VisaeError(
             f"analysis {analysis.path} has {len(ok)} live latents firing on {min_images} to "
@@ -101,10 +110,45 @@ def feature_trials(analysis: Any, feature: Feature, spec: StudySpec, seed: int) 
 
 def build_trials(spec: StudySpec) -> list[FeatureTrials]:
     """Every sampled feature of every analysis in the spec, with its trials."""
+    return build_plan(spec).features
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a study shows: its main features' trials and the practice trials' features (drawn
+    from the first analysis, never among the main ones), with a fingerprint that ties a
+    database of responses to exactly this plan."""
+
+    spec: StudySpec
+    features: list[FeatureTrials]
+    practice: list[FeatureTrials]
+    analyses: dict[str, Any]  # name -> Analysis
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the spec (minus where the analyses lie) and every trial's images."""
+        spec = self.spec.to_dict() | {"analyses": sorted(self.analyses)}
+        trials = [_trial_key(t) for t in self.features + self.practice]
+        text = json.dumps({"spec": spec, "trials": trials}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    @property
+    def units(self) -> list[tuple[int, str]]:
+        """(feature index, protocol) pairs: each is one main trial for some participant."""
+        return [(i, p) for i in range(len(self.features)) for p in self.spec.protocols]
+
+
+def _trial_key(t: FeatureTrials) -> list[Any]:
+    return [t.feature.sae, t.feature.latent, list(t.references), t.query, list(t.choices)]
+
+
+def build_plan(spec: StudySpec) -> Plan:
+    """Load the spec's analyses, sample their features and build every trial."""
     from visae.analysis import Analysis
 
     out = []
     names = set()
+    analyses = {}
     for k, folder in enumerate(spec.analyses):
         analysis = Analysis.load(folder)
         need = spec.references + 2
@@ -121,4 +165,20 @@ def build_trials(spec: StudySpec) -> list[FeatureTrials]:
         )
         for f in features:
             out.append(feature_trials(analysis, f, spec, spec.seed * 1_000_003 + f.latent))
-    return out
+        analyses[analysis.name] = analysis
+    units = len(out) * len(spec.protocols)
+    if spec.trials_per_participant > units:
+        raise VisaeError(
+            f"study spec: trials_per_participant ({spec.trials_per_participant}) exceeds the "
+            f"study's {units} feature x protocol trials"
+        )
+    first = analyses[next(iter(analyses))]
+    practice = []
+    if spec.practice:
+        main = frozenset(t.feature.latent for t in out if t.feature.sae == first.name)
+        need = spec.references + 2
+        drawn = sample_features(
+            first, spec.practice, 1, spec.max_frequency, spec.seed + 7919, need, exclude=main
+        )
+        practice = [feature_trials(first, f, spec, spec.seed + f.latent) for f in drawn]
+    return Plan(spec, out, practice, analyses)

@@ -1,0 +1,5 @@
+"""`python -m visae ...`, the same as the `visae` command."""
+
+from visae.cli import main
+
+raise SystemExit(main())
