@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages visae's demo and tests read: real object photos
 # (tuxpaint stamps), real background photos (opencv-doc), Fashion-MNIST,
-# Chromium for the browser tests and PostgreSQL for the study server's tests. Needs root on Debian; elsewhere it says what to install.
+# Chromium for the browser tests and PostgreSQL for the study server's tests.
+# Needs root on Debian; elsewhere it says what to install.
 set -euo pipefail
 packages=(tuxpaint-stamps-default opencv-doc dataset-fashion-mnist chromium postgresql)
 missing=()

@@ -97,3 +97,17 @@ def test_the_bootstrap_resamples_features_and_participants() -> None:
     assert 2.5 * se < result.hi - result.lo < 6 * se
     one = aggregate(np.full(6, 0.3), ["a", "b", "c"] * 2, ["f", "g"] * 3, boot=50)
     assert (one.mean, one.lo, one.hi) == pytest.approx((0.3, 0.3, 0.3))
+
+
+def test_the_bootstrap_survives_a_sparse_design() -> None:
+    # each participant answered a few features only (as when trials_per_participant is small):
+    # many resamples draw features none of the drawn participants answered; they count for
+    # nothing rather than dividing by zero
+    features = [f"f{j}" for j in range(16)]
+    participants = [f"p{j // 4}" for j in range(16)]
+    scores = np.linspace(0, 1, 16)
+    result = aggregate(scores, participants, features, boot=2000, seed=3)
+    assert result.mean == pytest.approx(0.5)
+    assert result.lo < 0.5 < result.hi and result.n_participants == 4
+    alone = aggregate(np.array([0.7]), ["p"], ["f"], boot=20)
+    assert (alone.mean, alone.lo, alone.hi) == pytest.approx((0.7, 0.7, 0.7))

@@ -44,7 +44,7 @@ def scores_plot(scores: list[dict[str, Any]]) -> bytes:
     ax.set_ylim(-0.7, len(scores) - 0.3)
     ax.set_xlim(-0.3, 1.1)
     ax.set_xlabel("chance-anchored score S (95% interval over participants and features)")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=2, fontsize=8, frameon=False)
     return _figure_png(fig)
 
 

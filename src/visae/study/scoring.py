@@ -98,7 +98,8 @@ def aggregate(
     def mean_of(fw: np.ndarray, pw: np.ndarray) -> float:
         total = (sums * pw[None]).sum(axis=1)
         n = (counts * pw[None]).sum(axis=1)
-        has = n > 0
+        # features drawn whose trials all came from participants not drawn have no mean
+        has = (n > 0) & (fw > 0)
         return float(np.average(total[has] / n[has], weights=fw[has])) if has.any() else np.nan
 
     point = mean_of(np.ones(len(f_ids)), np.ones(len(p_ids)))
@@ -110,10 +111,11 @@ def aggregate(
         draws.append(mean_of(fw.astype(float), pw.astype(float)))
     draws_arr = np.asarray(draws)
     draws_arr = draws_arr[np.isfinite(draws_arr)]
+    lo, hi = np.quantile(draws_arr, [0.025, 0.975]) if len(draws_arr) else (np.nan, np.nan)
     return Interval(
         point,
-        float(np.quantile(draws_arr, 0.025)),
-        float(np.quantile(draws_arr, 0.975)),
+        float(lo),
+        float(hi),
         len(p_ids),
         len(f_ids),
     )
