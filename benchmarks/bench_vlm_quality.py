@@ -21,10 +21,10 @@ from common import interval, load_note, report, write_section
 
 from visae.data import SceneConfig
 from visae.data.default import cached_scenes
+from visae.text import packaged_encoder
 from visae.vlm.build import BuildConfig
 from visae.vlm.packaged import DEFAULT_PROJECTOR, packaged_vlm
 from visae.vlm.quality import measure_quality
-from visae.vlm.text import packaged_encoder
 
 SECTION = "bench_vlm_quality"
 AFTER = (

@@ -28,10 +28,10 @@ from visae.data.default import cache_dir
 from visae.eval import evaluate
 from visae.sae import SAE, SAEConfig
 from visae.store import ActivationStore, extract
+from visae.text import packaged_encoder
 from visae.train import RunSpec, TrainConfig, train
 from visae.vlm.packaged import IMAGE_SIZE, packaged_vlm
 from visae.vlm.steer import SteerConfig, load_concepts, resummarize, steer
-from visae.vlm.text import packaged_encoder
 
 SECTION = "bench_vlm_steer"
 LAYER = 10

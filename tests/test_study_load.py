@@ -75,7 +75,7 @@ SKILLS = (0.0, 1.0, 0.5)  # participant i answers as SKILLS[i % 3]: random, orac
 
 
 def test_200_participants_at_once(spec_file: Path, tmp_path: Path) -> None:
-    from visae.vlm.text import TextEncoder
+    from visae.text import TextEncoder
 
     db = str(tmp_path / "load.sqlite")
     plan = build_plan(parse_spec(json.loads(spec_file.read_text())))

@@ -297,3 +297,54 @@ def test_a_database_of_another_study_is_refused(
         Study(plan, StudyDB(str(old)))
     with pytest.raises(VisaeError, match="give a file path \\(SQLite\\) or a postgresql"):
         StudyDB("mysql://x/y")
+
+
+def test_scoring_a_database_or_its_exports_offline(
+    plan: Any, db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import csv
+
+    from visae.cli import main
+    from visae.study.simulate import simulated_study
+
+    study = Study(plan, StudyDB(db_url))
+    simulated_study(study, [1.0, 1.0, 1.0, 0.0, 0.0, 1.0], [True] * 5 + [False], images=False)
+    out, report = tmp_path / "scores.json", tmp_path / "report"
+    assert main(["study", "score", db_url, "--out", str(out), "--report", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "excluded: 1 participants (failed checks)" in printed
+    assert "names (" in printed and "MiniLM cosine to their feature's label" in printed
+    from_db = json.loads(out.read_text())
+    assert {s["n_participants"] for s in from_db["scores"]} == {5}
+    page = (report / "report.html").read_text()
+    assert "human interpretability scores" in page and (report / "scores.png").is_file()
+    assert (report / "proxy_locality.png").is_file() and "Names against" in page
+    # the same scores from the server's two exports
+    rows = study.db.rows()
+    export = tmp_path / "study.json"
+    export.write_text(json.dumps({"spec": plan.spec.to_dict(), "responses": rows}))
+    table = tmp_path / "responses.csv"
+    with open(table, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=EXPORT_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(plan.spec.to_dict()))
+    for source in (
+        ["study", "score", str(export)],
+        ["study", "score", str(table), "--spec", str(spec_file)],
+    ):
+        assert main([*source, "--out", str(out), "--no-names"]) == 0
+        again = json.loads(out.read_text())
+        assert again["scores"] == from_db["scores"] and "names" not in again
+    capsys.readouterr()
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(plan.spec.to_dict() | {"name": "other"}))
+    for argv, message in (
+        (["study", "score", str(table)], "give the study's spec with --spec"),
+        (["study", "score", db_url, "--spec", str(other)], "holds study 'pilot', not the spec's"),
+        (["study", "score", str(tmp_path / "none.sqlite")], "no study database at"),
+        (["study", "score", str(spec_file)], "is not a study export"),
+    ):
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err, argv

@@ -311,6 +311,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     lap("intervene")
     _demo_steer(dataset, out, progress)
     lap("steer")
+    _demo_study(analysis.path, out)
+    lap("study")
     root = export_static([analysis.path], out / "browser", overwrite=True, progress=progress)
     lap("browser")
     print(
@@ -374,6 +376,50 @@ def _demo_intervention(
 
 
 DEMO_VLM_TOKENS = 300_000
+
+
+def _demo_study(analysis: Path, out: Path) -> None:
+    """A simulated human study of the demo SAE through the real server and database: 24
+    participants who answer like a noisy oracle (skill 0.6) and 3 who also ignore the attention
+    checks (excluded), scored as a real study is, beside the evaluation's proxies."""
+    from visae.atomic import write_text
+    from visae.study.db import StudyDB
+    from visae.study.report import write_report
+    from visae.study.responses import score_responses
+    from visae.study.session import Study
+    from visae.study.simulate import simulated_study
+    from visae.study.spec import parse_spec
+    from visae.study.trials import build_plan
+    from visae.text import installed, packaged_encoder
+
+    folder = out / "study"
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {
+        "name": "demo study",
+        "analyses": [str(Path(analysis).resolve())],
+        "features_per_sae": 12,
+        "trials_per_participant": 12,
+        # simulated participants answer at once: no trial is too fast for them
+        "exclusions": {"max_failed_checks": 0, "min_seconds": 0.0},
+    }
+    write_text(folder / "spec.json", json.dumps(data, indent=2) + "\n")
+    for suffix in ("", "-wal", "-shm"):  # a new SAE is a new study: start its database afresh
+        (folder / f"study.sqlite{suffix}").unlink(missing_ok=True)
+    spec = parse_spec(data)
+    study = Study(build_plan(spec), StudyDB(str(folder / "study.sqlite")))
+    simulated_study(study, [0.6] * 27, attentive=[True] * 24 + [False] * 3)
+    encoder = packaged_encoder() if installed() else None
+    result = score_responses(spec, study.db.rows(), analyses=study.plan.analyses, encoder=encoder)
+    excluded = len(result["exclusions"]["participants"])
+    for s in result["scores"]:
+        print(
+            f"[demo] simulated study ({s['n_participants']} participants after {excluded} "
+            f"excluded, skill 0.6): {s['protocol']} S {s['mean']:.2f} [{s['lo']:.2f}, "
+            f"{s['hi']:.2f}] (0 = chance, 1 = perfect)"
+        )
+    page = write_report(result, study.plan.analyses, folder, spec.name)
+    print(f"[demo] study report {page.resolve()}")
+    print(f"[demo] run the study with people: visae study serve {folder / 'spec.json'}")
 
 
 def _demo_steer(dataset: Any, out: Path, progress: bool) -> None:

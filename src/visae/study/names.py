@@ -1,6 +1,6 @@
 """The free-text names participants give, scored against what the feature is known to stand for:
 its concept label (the evaluation's matched concept, else the analysis's top label), by the
-cosine of the two in the sentence encoder all-MiniLM-L6-v2 (`visae.vlm.text`).
+cosine of the two in the sentence encoder all-MiniLM-L6-v2 (`visae.text`).
 
 A cosine alone has no zero: names and labels share vocabulary whatever the feature. So each
 name is also compared with the label of another feature of the same SAE (a seeded

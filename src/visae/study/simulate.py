@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import secrets
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -25,6 +26,15 @@ from visae.study.session import Study
 FILLER_NAMES = ("thing", "stuff", "texture", "colour", "shape", "pattern", "object", "edge")
 
 
+def request_kind(path: str) -> str:
+    """What a request is for, to report latencies by kind: image, answer, state or flow."""
+    if "/img/" in path:
+        return "image"
+    if "/trial/" in path:
+        return "answer"
+    return "state" if path.endswith("/state") else "flow"
+
+
 class Client:
     """One participant's keep-alive HTTP connection, timing every request."""
 
@@ -33,7 +43,7 @@ class Client:
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
         self.timeout = timeout
         self.conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-        self.latencies: list[float] = []
+        self.latencies: list[tuple[str, float]] = []  # (kind of request, seconds)
 
     def request(
         self,
@@ -60,7 +70,7 @@ class Client:
                 if attempt:
                     raise
                 continue
-            self.latencies.append(time.perf_counter() - start)
+            self.latencies.append((request_kind(path), time.perf_counter() - start))
             kind = response.getheader("Content-Type", "")
             value = json.loads(raw) if kind.startswith("application/json") else raw
             return response.status, value, {k.lower(): v for k, v in response.getheaders()}
@@ -83,7 +93,7 @@ class Outcome:
     token: str
     completion_code: str = ""
     acknowledged: list[int] = field(default_factory=list)
-    latencies: list[float] = field(default_factory=list)
+    latencies: list[tuple[str, float]] = field(default_factory=list)
 
 
 class Oracle:
@@ -168,3 +178,29 @@ def take_study(
         return out
     finally:
         client.close()
+
+
+def simulated_study(
+    study: Study,
+    skills: list[float],
+    attentive: list[bool] | None = None,
+    workers: int = 16,
+    images: bool = True,
+) -> list[Outcome]:
+    """Serve `study` on a loopback port and let one simulated participant per skill take it,
+    `workers` at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from visae.study.server import running
+
+    oracle = Oracle(study)
+    attentive = attentive or [True] * len(skills)
+    with running(study, secrets.token_urlsafe(24)) as url, ThreadPoolExecutor(workers) as pool:
+        return list(
+            pool.map(
+                lambda i: take_study(
+                    url, oracle, skills[i], seed=i, attentive=attentive[i], images=images
+                ),
+                range(len(skills)),
+            )
+        )

