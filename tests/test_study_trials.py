@@ -231,3 +231,32 @@ def test_scoring_collected_responses_with_exclusions_and_proxies(
     bad.write_text("participant,kind\np,main\n")
     assert main(["study", "score", str(bad), "--spec", str(spec_file)]) == 2
     assert "lack the column 'protocol'" in capsys.readouterr().err
+
+
+def test_trials_score_against_exact_maps_when_patch_codes_are_truncated(
+    analysis_dir: Path, tmp_path: Path
+) -> None:
+    # per-patch codes that keep 2 of the SAE's 16 active latents miss most latents on most
+    # patches; the study's maps come from the latents' own top-image maps, which are exact
+    from visae.analysis import Analysis, AnalysisConfig, run_analysis
+    from visae.study.trials import activation_map
+
+    root = analysis_dir.parent
+    sae_dir = next((root / "runs").glob("*/sae"))
+    truncated = run_analysis(
+        sae_dir,
+        root / "store",
+        tmp_path / "k2",
+        config=AnalysisConfig(patch_codes_k=2),
+        progress=False,
+    )
+    exact = Analysis.load(analysis_dir)
+    trials = build_trials(parse_spec(_spec(truncated.path)))
+    missed = 0
+    for t in trials:
+        for image in (*t.references, t.query, t.choices[t.correct]):
+            m = activation_map(truncated, t.feature.latent, image)
+            assert m.max() > 0
+            assert np.allclose(m, activation_map(exact, t.feature.latent, image), atol=1e-5)
+            missed += not truncated.latent_map(image, t.feature.latent).any()
+    assert missed > 0  # the per-patch codes alone would have scored these against nothing

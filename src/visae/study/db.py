@@ -13,9 +13,10 @@ concurrent participants wait their turn instead of failing.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from visae.errors import VisaeError, first_line
 
 SCHEMA_VERSION = 1
 META_TABLE = "visae_study"
+SQLITE_PRAGMAS = ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=30000", "foreign_keys=ON")
 
 
 def database_url(db: str) -> str:
@@ -108,47 +110,64 @@ class StudyDB:
     """The engine and tables of one study's database, checked against the study on open."""
 
     def __init__(self, url: str) -> None:
-        from sqlalchemy import create_engine, event
-
         self.url = database_url(url)
         self.sqlite = self.url.startswith("sqlite")
-        kw: dict[str, Any] = {"pool_size": 20, "max_overflow": 20, "pool_pre_ping": True}
         if self.sqlite:
-            kw = {"pool_size": 20, "max_overflow": 20, "connect_args": {"timeout": 30}}
-        try:
-            self.engine = create_engine(self.url, **kw)
-        except Exception as e:  # a bad URL or a missing driver
-            raise VisaeError(f"cannot open database {url}: {first_line(e)}") from None
-        if self.sqlite:
-
-            @event.listens_for(self.engine, "connect")
-            def _pragmas(conn: Any, _record: Any) -> None:
-                conn.isolation_level = None  # SQLAlchemy's BEGIN below, not the driver's
-                cur = conn.cursor()
-                for pragma in (
-                    "journal_mode=WAL",
-                    "synchronous=NORMAL",
-                    "busy_timeout=30000",
-                    "foreign_keys=ON",
-                ):
-                    cur.execute(f"PRAGMA {pragma}")
-                cur.close()
-
-            @event.listens_for(self.engine, "begin")
-            def _begin(conn: Any) -> None:
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
-
+            # one writer at a time, queued here rather than in SQLite's busy handler (which
+            # sleeps in steps of up to 100 ms); readers see the last commit and never wait
+            self.engine = self._engine(url, "BEGIN IMMEDIATE")
+            self.reader = self._engine(url, "BEGIN")
+            self._write_lock: Any = threading.Lock()
+        else:
+            self.engine = self.reader = self._engine(url, None)
+            self._write_lock = nullcontext()
         md, meta, participants, trials, responses = tables()
         self.metadata = md
         self.t = Tables(meta, participants, trials, responses)
 
+    def _engine(self, url: str, begin: str | None) -> Any:
+        from sqlalchemy import create_engine, event
+
+        kw: dict[str, Any] = {"pool_size": 20, "max_overflow": 20}
+        kw |= {"connect_args": {"timeout": 30}} if self.sqlite else {"pool_pre_ping": True}
+        try:
+            engine = create_engine(self.url, **kw)
+        except Exception as e:  # a bad URL or a missing driver
+            raise VisaeError(f"cannot open database {url}: {first_line(e)}") from None
+        if begin is not None:
+
+            @event.listens_for(engine, "connect")
+            def _pragmas(conn: Any, _record: Any) -> None:
+                conn.isolation_level = None  # SQLAlchemy's BEGIN below, not the driver's
+                cur = conn.cursor()
+                for pragma in SQLITE_PRAGMAS:
+                    cur.execute(f"PRAGMA {pragma}")
+                cur.close()
+
+            @event.listens_for(engine, "begin")
+            def _begin(conn: Any) -> None:
+                conn.exec_driver_sql(begin)
+
+        return engine
+
     @contextmanager
     def begin(self) -> Iterator[Any]:
-        """A transaction; committed when the block ends, rolled back if it raises."""
+        """A write transaction; committed when the block ends, rolled back if it raises."""
+        with self._write_lock, self._transaction(self.engine) as conn:
+            yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Any]:
+        """A read-only transaction: one consistent snapshot, taking no write lock."""
+        with self._transaction(self.reader) as conn:
+            yield conn
+
+    @contextmanager
+    def _transaction(self, engine: Any) -> Iterator[Any]:
         from sqlalchemy.exc import OperationalError
 
         try:
-            with self.engine.begin() as conn:
+            with engine.begin() as conn:
                 yield conn
         except OperationalError as e:
             raise VisaeError(f"database {self.display}: {first_line(e.orig or e)}") from None
@@ -162,7 +181,7 @@ class StudyDB:
         other tables but no visae study."""
         from sqlalchemy import inspect, select
 
-        with self.begin() as conn:
+        with self.read() as conn:
             names = set(inspect(conn).get_table_names())
             if META_TABLE not in names:
                 if names & {"participants", "trials", "responses"}:
@@ -226,7 +245,7 @@ class StudyDB:
             .join(t.participants, t.participants.c.id == t.responses.c.participant_id)
             .order_by(t.participants.c.id, t.trials.c.position)
         )
-        with self.begin() as conn:
+        with self.read() as conn:
             result = conn.execute(q).all()
         return [export_row(r) for r in result]
 

@@ -24,6 +24,7 @@ import numpy as np
 from visae.errors import VisaeError
 from visae.study.scoring import aggregate, anchored, localization_trial, naming_trial
 from visae.study.spec import StudySpec
+from visae.study.trials import activation_map
 
 COLUMNS = (
     "participant",
@@ -136,7 +137,7 @@ def score_responses(
             raise VisaeError(f"{where}: sae {r['sae']!r} is not an analysis of this study")
         latent = int(r["latent"])
         if r["protocol"] == "localize":
-            activation = a.latent_map(int(r["image"]), latent)
+            activation = activation_map(a, latent, int(r["image"]))
             raw, chance = localization_trial(activation, parse_clicks(r["clicks"], where))
         elif r["protocol"] == "name":
             raw, chance = naming_trial(int(r["pick"]), int(r["correct"]), int(r["choices"]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hmac
+import html
 import io
 import json
 import threading
@@ -40,9 +41,14 @@ def build_app(study: Study, admin_token: str) -> Any:
     from visae.study.report import scores_plot
     from visae.study.responses import exclusions, score_responses
 
+    title = html.escape(study.plan.spec.name)
+    pages = {
+        name: (STATIC / name).read_text(encoding="utf-8").replace("{{study}}", title)
+        for name in ("welcome.html", "participant.html", "admin.html")
+    }
+
     def page(name: str) -> HTMLResponse:
-        text = (STATIC / name).read_text(encoding="utf-8")
-        return HTMLResponse(text.replace("{{study}}", study.plan.spec.name), headers=HEADERS)
+        return HTMLResponse(pages[name], headers=HEADERS)
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status, headers=HEADERS)
@@ -117,6 +123,20 @@ def build_app(study: Study, admin_token: str) -> Any:
         data = study.image(
             token(request), request.path_params["position"], request.path_params["slot"]
         )
+        return Response(data, media_type="image/png", headers=HEADERS)
+
+    image_from_db = api(image)
+
+    async def image_endpoint(request: Request) -> Response:
+        """Most images come from memory, without a thread or the database."""
+        try:
+            data = study.cached_image(
+                token(request), request.path_params["position"], request.path_params["slot"]
+            )
+        except StudyError as e:
+            return error(e.status, str(e))
+        if data is None:
+            return await image_from_db(request)
         return Response(data, media_type="image/png", headers=HEADERS)
 
     async def static(request: Request) -> Response:
@@ -199,7 +219,7 @@ def build_app(study: Study, admin_token: str) -> Any:
         Route("/healthz", health),
         Route("/static/{name}", static),
         Route("/s/{token}", participant_page),
-        Route("/s/{token}/img/{position:int}/{slot}", api(image)),
+        Route("/s/{token}/img/{position:int}/{slot}", image_endpoint),
         Route("/api/s/{token}/state", api(state)),
         Route("/api/s/{token}/consent", api(consent), methods=["POST"]),
         Route("/api/s/{token}/start", api(start), methods=["POST"]),

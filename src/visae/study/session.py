@@ -26,7 +26,7 @@ from visae.study.assign import circle_hit, participant_trials
 from visae.study.db import RECRUITMENT, StudyDB
 from visae.study.render import check_image, png, with_heatmap
 from visae.study.scoring import anchored, localization_trial, naming_trial
-from visae.study.trials import Plan
+from visae.study.trials import Plan, activation_map
 
 STAGES = ("consent", "instructions", "trials", "debrief", "done")
 MAX_NAME = 60
@@ -65,6 +65,8 @@ class Study:
         db.open(spec.name, plan.fingerprint, spec.to_dict())
         self._maps: dict[tuple[str, int, int], np.ndarray] = {}
         self._pngs: dict[tuple[Any, ...], bytes] = {}
+        self._trials: dict[tuple[str, int], Any] = {}  # (token sha, position) -> trial row
+        self.n_trials = len(plan.practice) + spec.trials_per_participant + spec.attention_checks
 
     # --- arrival ---
 
@@ -117,17 +119,25 @@ class Study:
         return token
 
     def _retoken(self, external: str, token: str) -> bool:
-        from sqlalchemy import update
+        """Give the participant with this recruitment id the new token (the old one stops
+        working, cached images included); False when there is no such participant."""
+        from sqlalchemy import select, update
 
         t = self.db.t
         with self.db.begin() as conn:
-            return bool(
-                conn.execute(
-                    update(t.participants)
-                    .where(t.participants.c.external_id == external)
-                    .values(token_sha=token_sha(token))
-                ).rowcount
+            old = conn.execute(
+                select(t.participants.c.token_sha).where(t.participants.c.external_id == external)
+            ).scalar()
+            if old is None:
+                return False
+            conn.execute(
+                update(t.participants)
+                .where(t.participants.c.external_id == external)
+                .values(token_sha=token_sha(token))
             )
+        for key in [k for k in self._trials if k[0] == old]:
+            self._trials.pop(key, None)
+        return True
 
     def _participant(self, conn: Any, token: str) -> Any:
         from sqlalchemy import select
@@ -153,18 +163,6 @@ class Study:
             .limit(1)
         ).first()
 
-    def _counts(self, conn: Any, pid: int) -> tuple[int, int]:
-        from sqlalchemy import func, select
-
-        t = self.db.t
-        total = conn.execute(
-            select(func.count()).where(t.trials.c.participant_id == pid)
-        ).scalar_one()
-        done = conn.execute(
-            select(func.count()).where(t.responses.c.participant_id == pid)
-        ).scalar_one()
-        return int(done), int(total)
-
     # --- the flow ---
 
     def state(self, token: str) -> dict[str, Any]:
@@ -172,25 +170,29 @@ class Study:
         from sqlalchemy import update
 
         t = self.db.t
-        with self.db.begin() as conn:
+        with self.db.read() as conn:
             p = self._participant(conn, token)
-            out: dict[str, Any] = {"stage": p.stage, "study": self.plan.spec.name}
-            done, total = self._counts(conn, p.id)
-            out["progress"] = {"done": done, "total": total}
-            if p.stage == "trials":
-                trial = self._current(conn, p.id)
-                if trial.shown_at is None:
+            trial = self._current(conn, p.id) if p.stage == "trials" else None
+        # answers are given in order, so the current trial's position is how many are done
+        done = (
+            trial.position if trial is not None else 0 if p.stage in STAGES[:3] else self.n_trials
+        )
+        out: dict[str, Any] = {"stage": p.stage, "study": self.plan.spec.name}
+        out["progress"] = {"done": done, "total": self.n_trials}
+        if trial is not None:
+            if trial.shown_at is None:  # the clock of its time starts now, once
+                with self.db.begin() as conn:
                     conn.execute(
                         update(t.trials)
                         .where(t.trials.c.id == trial.id, t.trials.c.shown_at.is_(None))
                         .values(shown_at=time.time())
                     )
-                out["trial"] = self._shown(token, trial)
-            if p.stage == "done":
-                out["completion_code"] = p.completion_code
-                url = self.plan.spec.completion_url
-                if url:
-                    out["completion_url"] = url + p.completion_code
+            out["trial"] = self._shown(token, trial)
+        if p.stage == "done":
+            out["completion_code"] = p.completion_code
+            url = self.plan.spec.completion_url
+            if url:
+                out["completion_url"] = url + p.completion_code
         return out
 
     def _shown(self, token: str, trial: Any) -> dict[str, Any]:
@@ -248,8 +250,8 @@ class Study:
                     raise StudyError(409, f"this session is at the {p.stage} stage, not trials")
                 trial = self._current(conn, p.id)
                 if trial is None or trial.position != position:
-                    total = self._counts(conn, p.id)[1]
-                    if 0 <= position < total and (trial is None or position < trial.position):
+                    answered = trial.position if trial is not None else self.n_trials
+                    if 0 <= position < answered:
                         raise StudyError(409, f"trial {position} is already answered")
                     raise StudyError(
                         409,
@@ -268,11 +270,18 @@ class Study:
                         **scored,
                     )
                 )
-                if self._current(conn, p.id) is None:
+                if position + 1 == self.n_trials:
                     conn.execute(
                         update(t.participants)
                         .where(t.participants.c.id == p.id)
                         .values(stage="debrief")
+                    )
+                elif trial.kind != "practice":  # the next trial is on screen from now
+                    conn.execute(
+                        update(t.trials)
+                        .where(t.trials.c.participant_id == p.id)
+                        .where(t.trials.c.position == position + 1)
+                        .values(shown_at=now)
                     )
         except IntegrityError:
             raise StudyError(409, f"trial {position} is already answered") from None
@@ -317,7 +326,7 @@ class Study:
     def activation(self, sae: str, image: int, latent: int) -> np.ndarray:
         key = (sae, int(image), int(latent))
         if key not in self._maps:
-            self._maps[key] = self.plan.analyses[sae].latent_map(key[1], key[2])
+            self._maps[key] = activation_map(self.plan.analyses[sae], key[2], key[1])
         return self._maps[key]
 
     def finish(self, token: str, comments: Any) -> dict[str, Any]:
@@ -348,7 +357,7 @@ class Study:
         from sqlalchemy import select
 
         t = self.db.t
-        with self.db.begin() as conn:
+        with self.db.read() as conn:
             p = self._participant(conn, token)
             trial = conn.execute(
                 select(t.trials).where(
@@ -366,11 +375,27 @@ class Study:
         """A trial's image as PNG: references `r0..` (with the feature's heatmap), the query
         `q`, choices `c0..`, a check's `check`, a practice trial's feedback `fb` (the query's
         true map, only once answered). Only the token's own trials."""
+        cached = self.cached_image(token, position, slot)
+        if cached is not None:
+            return cached
         trial, answered = self.trial(token, position)
+        self._trials[(token_sha(token), position)] = trial
+        return self._render(trial, slot, answered)
+
+    def cached_image(self, token: str, position: int, slot: str) -> bytes | None:
+        """The image without touching the database, when this token's trial was looked up
+        before (a trial never changes; the feedback slot, which depends on the answer, is
+        never served from here); else None."""
+        trial = self._trials.get((token_sha(token), position))
+        if trial is None or slot == "fb":
+            return None
+        return self._render(trial, slot, answered=False)
+
+    def _render(self, trial: Any, slot: str, answered: bool) -> bytes:
         payload = json.loads(trial.payload)
         shown = _slot(payload, slot, trial.kind, answered)
         if shown is None:
-            raise StudyError(404, f"trial {position} has no image {slot!r}")
+            raise StudyError(404, f"trial {trial.position} has no image {slot!r}")
         if trial.kind == "check":
             return check_image(int(payload["seed"]), *payload["circle"])
         image, heat = shown
@@ -380,7 +405,9 @@ class Study:
             with Image.open(analysis.thumbnail(image)) as im:
                 shown_image = im.convert("RGB")
             if heat:
-                shown_image = with_heatmap(shown_image, self.activation(*key))
+                shown_image = with_heatmap(
+                    shown_image, self.activation(trial.sae, image, trial.latent)
+                )
             self._pngs[key] = png(shown_image)
         return self._pngs[key]
 
@@ -390,7 +417,7 @@ class Study:
         from sqlalchemy import func, select
 
         t = self.db.t
-        with self.db.begin() as conn:
+        with self.db.read() as conn:
             stages = dict(
                 conn.execute(
                     select(t.participants.c.stage, func.count()).group_by(t.participants.c.stage)

@@ -139,8 +139,8 @@ def take_study(
     images: bool = True,
 ) -> Outcome:
     """One participant from the invitation link to the completion code. `think`: seconds spent
-    on each page (drawn uniformly up to twice it), so that many participants overlap as people
-    do rather than hammering the server."""
+    on each page, the invitation included (drawn uniformly up to twice it), so that many
+    participants overlap as people do rather than hammering the server in lockstep."""
     rng = np.random.default_rng(seed)
     client = Client(base_url)
 
@@ -149,6 +149,7 @@ def take_study(
             time.sleep(float(rng.uniform(0, 2 * think)))
 
     try:
+        pause()  # people do not all arrive in the same instant
         query = "?" + urlencode(params) if params else ""
         status, _, headers = client.request("POST", "/enter" + query)
         if status != 303:

@@ -4,7 +4,10 @@ frequency strata, dead and near-dense latents excluded) and what each trial hold
 A feature's references are its top images by activation (with their heatmaps); its
 localization query is its next top image, held out from the references; its naming choices are
 its next image after that (where it fires) among `choices - 1` images of the analysis's coded
-sample where it does not fire at all, in a seeded random order.
+sample where it does not fire, in a seeded random order. "Does not fire" is read from the
+per-patch codes (the latent is among no patch's `patch_codes_k` strongest) and the image is not
+among its top images: a latent weaker than that everywhere on an image may still be slightly
+active there.
 """
 
 from __future__ import annotations
@@ -67,6 +70,17 @@ def sample_features(
     return [
         Feature(analysis.name, str(analysis.path), j, float(freq[j]), b) for j, b in sorted(chosen)
     ]
+
+
+def activation_map(analysis: Any, latent: int, image: int) -> np.ndarray:
+    """The latent's `[h, w]` activation on an image, exact: from the latent's own top-image maps
+    when the image is one of them (every reference, query and naming target is), else from the
+    per-patch codes, which keep only each patch's strongest latents and so miss a latent that
+    is weaker than those everywhere on the image."""
+    for entry in analysis.top(latent):
+        if entry.image == image:
+            return np.asarray(entry.map, np.float32)
+    return analysis.latent_map(image, latent)
 
 
 @dataclass(frozen=True)
