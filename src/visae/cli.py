@@ -29,6 +29,7 @@ from visae.intervene.commands import (
     run_intervene,
     run_study_command,
 )
+from visae.sae.commands import add_sae_commands
 from visae.study.commands import add_study_commands
 from visae.vlm.commands import add_steer_arguments, add_vlm_arguments, run_steer
 
@@ -698,6 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_vlm_arguments(sub)
     add_study_commands(sub)
+    add_sae_commands(sub)
 
     p = sub.add_parser(
         "steer",

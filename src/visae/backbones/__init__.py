@@ -1,6 +1,6 @@
 """Vision models behind one interface (`Backbone`): token layout, preprocessing, recording and
 editing the residual stream. `load_backbone(spec)` takes a built-in name, a Hugging Face hub id
-or a local model directory."""
+or a local model directory; `ModuleBackbone` wraps any torch module."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from visae.backbones.base import Backbone, EditFn, TokenLayout
 from visae.backbones.efficientnet import EfficientNetBackbone
 from visae.backbones.hf import FAMILIES, HFBackbone, ModelNotFoundError, load_hf_backbone
 from visae.backbones.identity import weights_sha256
+from visae.backbones.module import ModuleBackbone, preprocessing
 from visae.backbones.preprocess import Preprocessor
 from visae.errors import VisaeError
 
@@ -23,10 +24,12 @@ __all__ = [
     "EditFn",
     "EfficientNetBackbone",
     "HFBackbone",
+    "ModuleBackbone",
     "Preprocessor",
     "TokenLayout",
     "available_models",
     "load_backbone",
+    "preprocessing",
     "weights_sha256",
 ]
 

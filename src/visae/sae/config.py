@@ -31,6 +31,9 @@ class SAEConfig:
     n_latents: int = 6144
     # TopK / BatchTopK: active latents per token (BatchTopK: k * batch over the whole batch).
     k: int = 32
+    # TopK: keep the k largest pre-activations as they are, negative ones included, instead of
+    # rectifying them (saev's TopK, imported faithfully; see visae.sae.convert).
+    signed_topk: bool = False
     # ReLU: L1 coefficient; `decoder_norm_l1` weights each code by its decoder row norm, which
     # only matters when `normalize_decoder` is off (with unit rows the weights are all 1).
     l1_coeff: float = 8e-4
@@ -96,6 +99,8 @@ class SAEConfig:
             self.matryoshka_sizes()
         if self.auxk:
             _refuse_unused("auxk", self.arch)
+        if self.signed_topk:
+            _refuse_unused("signed_topk", self.arch)
         _positive_int("k_aux", self.k_aux)
         _positive_int("dead_after_tokens", self.dead_after_tokens)
         if self.b_dec_init not in B_DEC_INITS:

@@ -121,7 +121,12 @@ class SAE(nn.Module):
         cache_dir: str | Path | None = None,
         local_files_only: bool = False,
     ) -> SAE:
-        """Load a checkpoint directory, or a Hugging Face hub repo holding one (when online)."""
+        """Load a checkpoint directory, a Hugging Face hub repo holding one (when online), or a
+        published SAE by name (`visae sae list`: downloaded and converted once)."""
+        from visae.sae.published import PUBLISHED, fetch
+
+        if str(path_or_repo_id) in PUBLISHED:
+            path_or_repo_id = fetch(str(path_or_repo_id))
         contents = read_checkpoint(
             path_or_repo_id,
             revision=revision,
@@ -266,7 +271,8 @@ class SAE(nn.Module):
 
     # ----------------------------------------------------------------- the interface
     def encode(self, x: Tensor | np.ndarray) -> Tensor:
-        """Raw activations [N, d] -> codes [N, n_latents], all >= 0 (inference rule)."""
+        """Raw activations [N, d] -> codes [N, n_latents] (inference rule), all >= 0 but for a
+        signed TopK's."""
         codes, values = self._encode_sparse_codes(self.normalize(x))
         return codes.to_dense(values)
 

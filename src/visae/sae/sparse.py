@@ -265,12 +265,15 @@ def decode_nested(
     return parts.view(codes.n_rows, n_seg, -1).cumsum(dim=1)
 
 
-def codes_from_topk(values: Tensor, indices: Tensor, n_cols: int) -> tuple[SparseCodes, Tensor]:
-    """SparseCodes of the positive entries of a per-row top-k, and those entries' values."""
+def codes_from_topk(
+    values: Tensor, indices: Tensor, n_cols: int, signed: bool = False
+) -> tuple[SparseCodes, Tensor]:
+    """SparseCodes of the positive entries of a per-row top-k (every entry when `signed`), and
+    those entries' values."""
     n_rows, k = indices.shape
     flat_values = values.reshape(-1)
     cols = indices.reshape(-1)
-    positive = flat_values > 0
+    positive = flat_values > 0 if not signed else torch.ones_like(flat_values, dtype=torch.bool)
     if bool(positive.all()):
         device = indices.device
         rows = torch.arange(n_rows * k, device=device).div_(k, rounding_mode="floor")

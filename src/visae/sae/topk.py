@@ -102,6 +102,10 @@ class _TopKFamily(SAE):
         """
         if selected.dtype == self.W_enc.dtype:
             exact = selected
+        elif self.cfg.signed_topk:
+            with torch.no_grad():
+                exact = sampled_dots(codes.crow, codes.cols, x_norm, self.W_enc.detach())
+                exact += bias[codes.cols]
         else:
             with torch.no_grad():
                 exact = sampled_dots(codes.crow, codes.cols, x_norm, self.W_enc.detach())
@@ -111,7 +115,7 @@ class _TopKFamily(SAE):
                     keep = positive.nonzero().squeeze(1)
                     codes, exact = codes.subset(keep), exact[keep]
         values = GatherPreacts.apply(exact, x_norm, self.W_enc, self.b_enc, self.b_dec, codes)
-        return codes, torch.relu(values)
+        return codes, values if self.cfg.signed_topk else torch.relu(values)
 
     def _encode_sparse_codes(self, x_norm: Tensor) -> tuple[SparseCodes, Tensor]:
         bias = self._effective_bias()
@@ -188,13 +192,15 @@ class _TopKFamily(SAE):
 
 
 class TopKSAE(_TopKFamily):
-    """Keep each token's k largest positive pre-activations (Gao et al. 2024)."""
+    """Keep each token's k largest positive pre-activations (Gao et al. 2024); with
+    `signed_topk`, the k largest as they are, negative ones included (saev's rule)."""
 
     arch = "topk"
+    uses = _TopKFamily.uses | {"signed_topk"}
 
     def _select_train(self, pre: Tensor) -> tuple[SparseCodes, Tensor]:
         top = pre.topk(self.cfg.k, dim=1, sorted=False)
-        return codes_from_topk(top.values, top.indices, self.n_latents)
+        return codes_from_topk(top.values, top.indices, self.n_latents, self.cfg.signed_topk)
 
     _select_infer = _select_train
 

@@ -283,7 +283,7 @@ class Study:
                         .where(t.trials.c.position == position + 1)
                         .values(shown_at=now)
                     )
-        except IntegrityError:
+        except IntegrityError:  # a second answer to the trial, raced in from elsewhere
             raise StudyError(409, f"trial {position} is already answered") from None
         out: dict[str, Any] = {"ok": True}
         if trial.kind == "practice":
