@@ -102,11 +102,18 @@ def lines(r: dict) -> list[str]:
 
 
 def main() -> None:
+    # the 200 participants are threads of this process: a short GIL switch interval keeps a
+    # thread whose answer has arrived from waiting 5 ms turns to read it, which would count
+    # as server latency
+    sys.setswitchinterval(2e-4)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--analysis", default="demo-out/analysis", help="a real analysis folder")
     ap.add_argument("--participants", type=int, default=200)
     ap.add_argument("--think", type=float, default=3.0, help="mean seconds per page")
     ap.add_argument("--trials", type=int, default=16, help="main trials per participant")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="paced runs (this 2-core VM's speed varies)"
+    )
     args = ap.parse_args()
     if not (Path(args.analysis) / "analysis.json").is_file():
         raise SystemExit(f"{args.analysis} is not an analysis: run `make demo` first or pass one")
@@ -122,13 +129,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec))
-        for k, think in enumerate((args.think, 0.0)):
+        for k, think in enumerate([args.think] * args.repeats + [0.0]):
             r = run(spec_path, str(Path(tmp) / f"load{k}.sqlite"), args.participants, think)
             print("\n".join(lines(r)), flush=True)
             results.append(r)
     block = [line for r in results for line in [*lines(r), ""]][:-1]
-    paced = results[0]
+    paced = sorted(results[:-1], key=lambda r: r["all"][1])[len(results[:-1]) // 2]
+    p99s = ", ".join(f"{1000 * r['all'][1]:.0f}" for r in results[:-1])
     verdict = "met" if paced["all"][1] < 0.2 else "missed"
+    over = [k for k, (_, _, p99) in paced["kinds"].items() if p99 >= 0.2]
+    by_kind = (
+        f" By kind, in that run, {', '.join(over)} stays above it (p99 "
+        + ", ".join(f"{1000 * paced['kinds'][k][2]:.0f} ms" for k in over)
+        + "): answers and the flow (invitation, consent, start, finish) are the writes, "
+        "which queue one at a time."
+        if over
+        else " Every kind of request meets it in that run."
+    )
     command = "python benchmarks/bench_study_load.py --analysis demo-out/analysis"
     text = report(
         "Study server: 200 participants at once on SQLite (bench_study_load.py)",
@@ -142,9 +159,11 @@ def main() -> None:
             "(DINOv2-S layer 10, TopK 6,144 latents) provides the trials."
         ],
         after=[
-            f"Target p99 < 200 ms at people's pace: {verdict} (p99 "
-            f"{1000 * paced['all'][1]:.0f} ms over every request). The unpaced run is the "
-            "capacity: it queues by design, so its latencies measure the queue, not a target."
+            f"Target p99 < 200 ms at people's pace: {verdict} in the median of "
+            f"{args.repeats} paced runs (p99 over every request per run: {p99s} ms)."
+            f"{by_kind} The unpaced run is the capacity: it queues by design, so its latencies "
+            "measure the queue, not a target. The latencies are the participants' (client "
+            "threads of one Python process, on the same 2 cores as the server)."
         ],
     )
     write_section(SECTION, text)
