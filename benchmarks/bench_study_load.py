@@ -139,7 +139,7 @@ def main() -> None:
     verdict = "met" if paced["all"][1] < 0.2 else "missed"
     over = [k for k, (_, _, p99) in paced["kinds"].items() if p99 >= 0.2]
     by_kind = (
-        f" By kind, in that run, {', '.join(over)} stays above it (p99 "
+        f" By kind, in that run, {', '.join(over)} stay above it (p99 "
         + ", ".join(f"{1000 * paced['kinds'][k][2]:.0f} ms" for k in over)
         + "): answers and the flow (invitation, consent, start, finish) are the writes, "
         "which queue one at a time."

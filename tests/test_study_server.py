@@ -119,18 +119,23 @@ def test_a_participant_from_invitation_to_completion_code(served: tuple[Study, C
     assert [s["mean"] for s in scores["scores"]] == pytest.approx([1.0, 1.0])
 
 
+def _answer_until(
+    study: Study, client: Client, token: str, trial: dict[str, Any], protocol: str
+) -> dict[str, Any]:
+    """Answer (as the oracle) until the current trial is a non-check trial of `protocol`."""
+    while trial["protocol"] != protocol or trial["kind"] == "check":
+        answer = Oracle(study).answer(token, trial["position"], 1.0, True, 0)
+        client.ok("POST", f"/api/s/{token}/trial/{trial['position']}", answer)
+        trial = client.ok("GET", f"/api/s/{token}/state")["trial"]
+    return trial
+
+
 def test_every_bad_answer_is_refused(served: tuple[Study, Client]) -> None:
     study, client = served
     token = _enter(client)
     trial = _begin(client, token)["trial"]
     api = f"/api/s/{token}"
-    while trial["protocol"] != "localize" or trial["kind"] == "check":
-        client.ok(
-            "POST",
-            f"{api}/trial/{trial['position']}",
-            Oracle(study).answer(token, trial["position"], 1.0, True, 0),
-        )
-        trial = client.ok("GET", f"{api}/state")["trial"]
+    trial = _answer_until(study, client, token, trial, "localize")
     here = f"{api}/trial/{trial['position']}"
     for answer, message in (
         ({"clicks": [[1.0, 0.5]]}, "outside the image"),
@@ -165,14 +170,7 @@ def test_every_bad_answer_is_refused(served: tuple[Study, Client]) -> None:
     assert sorted(statuses) == [200] + [409] * 7
     status, body, _ = client.request("POST", here, {"clicks": [[0.5, 0.5]]})
     assert status == 409 and "already answered" in body["error"]
-    trial = client.ok("GET", f"{api}/state")["trial"]
-    while trial["protocol"] != "name":
-        client.ok(
-            "POST",
-            f"{api}/trial/{trial['position']}",
-            Oracle(study).answer(token, trial["position"], 1.0, True, 0),
-        )
-        trial = client.ok("GET", f"{api}/state")["trial"]
+    trial = _answer_until(study, client, token, client.ok("GET", f"{api}/state")["trial"], "name")
     here = f"{api}/trial/{trial['position']}"
     for answer, message in (
         ({"name": "", "pick": 0}, "write a short name"),

@@ -14,8 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from visae import text
 from visae.errors import VisaeError
-from visae.vlm import language, text
+from visae.vlm import language
 from visae.vlm.words import first_word, word_forms
 
 needs_wheel = pytest.mark.skipif(
