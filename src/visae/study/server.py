@@ -3,7 +3,8 @@
 Participants: `/` (the invitation link, with the recruiting platform's PROLIFIC_PID, STUDY_ID
 and SESSION_ID parameters) -> `/s/<token>` (their own page; every API call carries the token).
 Admin: `/admin#<admin token>`; the admin API wants `Authorization: Bearer <admin token>`.
-Endpoints are plain functions run in uvicorn's thread pool; the database does the locking.
+Endpoints are plain functions run in a thread pool (images known to the server skip it); the
+database layer (`visae.study.db`) queues the writes.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def build_app(study: Study, admin_token: str) -> Any:
                     body = json.loads(raw) if raw else {}
                 except ValueError:
                     return error(400, "the request body is not JSON")
+                if not isinstance(body, dict):
+                    return error(400, "the request body must be a JSON object")
             try:
                 from starlette.concurrency import run_in_threadpool
 
