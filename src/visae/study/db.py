@@ -39,7 +39,16 @@ def database_url(db: str) -> str:
     return f"sqlite:///{Path(db).resolve()}"
 
 
-def tables() -> tuple[Any, ...]:
+@dataclass
+class Tables:
+    meta: Any
+    participants: Any
+    trials: Any
+    responses: Any
+
+
+def tables() -> tuple[Any, Tables]:
+    """The schema: SQLAlchemy metadata and the four tables."""
     from sqlalchemy import (
         Column,
         Float,
@@ -95,15 +104,7 @@ def tables() -> tuple[Any, ...]:
         Column("chance", Float, nullable=True),
         Column("created_at", Float, nullable=False),
     )
-    return md, meta, participants, trials, responses
-
-
-@dataclass
-class Tables:
-    meta: Any
-    participants: Any
-    trials: Any
-    responses: Any
+    return md, Tables(meta, participants, trials, responses)
 
 
 class StudyDB:
@@ -121,9 +122,7 @@ class StudyDB:
         else:
             self.engine = self.reader = self._engine(url, None)
             self._write_lock = nullcontext()
-        md, meta, participants, trials, responses = tables()
-        self.metadata = md
-        self.t = Tables(meta, participants, trials, responses)
+        self.metadata, self.t = tables()
 
     def _engine(self, url: str, begin: str | None) -> Any:
         from sqlalchemy import create_engine, event

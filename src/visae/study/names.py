@@ -29,7 +29,7 @@ def feature_labels(analysis: Any) -> list[str | None]:
     out: list[str | None] = []
     for j in range(analysis.n_latents):
         label = (concepts[j] if concepts else None) or (str(top[j]) if top is not None else "")
-        out.append(label_text(label) or None if label else None)
+        out.append(label_text(label) or None)
     return out
 
 

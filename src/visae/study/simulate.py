@@ -58,23 +58,25 @@ class Client:
         headers = dict(headers or {})
         if data is not None:
             headers.setdefault("Content-Type", "application/json")
-        for attempt in (0, 1):  # a keep-alive connection the server closed: reconnect once
-            start = time.perf_counter()
-            try:
-                self.conn.request(method, path, body=data, headers=headers)
-                response = self.conn.getresponse()
-                raw = response.read()
-            except (ConnectionError, http.client.HTTPException):
-                self.conn.close()
-                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
-                if attempt:
-                    raise
-                continue
-            self.latencies.append((request_kind(path), time.perf_counter() - start))
-            kind = response.getheader("Content-Type", "")
-            value = json.loads(raw) if kind.startswith("application/json") else raw
-            return response.status, value, {k.lower(): v for k, v in response.getheaders()}
-        raise AssertionError("unreachable")
+        try:
+            response, payload, seconds = self._exchange(method, path, data, headers)
+        except (ConnectionError, http.client.HTTPException):  # the server closed keep-alive
+            self.conn.close()
+            self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            response, payload, seconds = self._exchange(method, path, data, headers)
+        self.latencies.append((request_kind(path), seconds))
+        kind = response.getheader("Content-Type", "")
+        value = json.loads(payload) if kind.startswith("application/json") else payload
+        return response.status, value, {k.lower(): v for k, v in response.getheaders()}
+
+    def _exchange(
+        self, method: str, path: str, data: bytes | None, headers: dict[str, str]
+    ) -> tuple[http.client.HTTPResponse, bytes, float]:
+        start = time.perf_counter()
+        self.conn.request(method, path, body=data, headers=headers)
+        response = self.conn.getresponse()
+        payload = response.read()
+        return response, payload, time.perf_counter() - start
 
     def ok(self, method: str, path: str, body: Any = None) -> Any:
         status, value, _ = self.request(method, path, body)
