@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -52,11 +53,17 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     from visae.backbones import load_backbone
     from visae.data import load_dataset
     from visae.devices import resolve_device
+    from visae.dist import current, local_device
     from visae.store import extract
 
-    resolve_device(args.device)
-    dataset = load_dataset(args.dataset, progress=not args.quiet)
-    backbone = load_backbone(args.model, device=args.device, image_size=args.image_size)
+    ranks = current()
+    device = local_device(args.device, ranks)
+    resolve_device(device)
+    progress = not args.quiet and ranks.main
+    dataset = ranks.main_first(lambda: load_dataset(args.dataset, progress=progress))
+    backbone = ranks.main_first(
+        lambda: load_backbone(args.model, device=device, image_size=args.image_size)
+    )
     layers = _split(args.layers, int, "--layers") or [backbone.n_layers - 2]
     store = extract(
         backbone,
@@ -67,11 +74,14 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         autocast=args.autocast,
         batch_size=args.batch_size,
-        device=args.device,
+        shard_images=args.shard_images,
+        device=device,
         on_unreadable=args.on_unreadable,
-        progress=not args.quiet,
+        progress=progress,
+        ranks=ranks,
     )
-    print(store.summary())
+    if ranks.main:
+        print(store.summary())
     return 0
 
 
@@ -129,6 +139,7 @@ TRAIN_FLAGS = (
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from visae.analysis.plots import plot_nmse_l0
+    from visae.dist import current
     from visae.store import ActivationStore
     from visae.train import (
         SweepEntry,
@@ -159,7 +170,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         ]
     store = ActivationStore.open(cfg.store, verify=False, progress=False)
     runs = expand_runs(entries, d=store.d(resolve_layer(store, cfg.layer)))
-    finals = train(cfg, runs, progress=not args.quiet)
+    ranks = current()
+    finals = train(cfg, runs, progress=not args.quiet, ranks=ranks)
+    if not ranks.main:
+        return 0
     plot = plot_nmse_l0([cfg.out], Path(cfg.out) / "nmse_l0.png")
     summary = json.loads((Path(cfg.out) / "summary.json").read_text())
     width = max(len(n) for n in finals)
@@ -539,6 +553,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="output store directory (resumed if it holds a partial store)"
     )
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--shard-images",
+        type=int,
+        default=256,
+        help="images per shard file (default 256); under torchrun, the unit the ranks share",
+    )
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     p.add_argument(
         "--autocast",
@@ -738,13 +758,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _rank_prefix() -> str:
+    """ "rank R of N: " in a job of several processes (torchrun's environment), so that the
+    failing rank's line names it."""
+    world, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")
+    return f"rank {rank} of {world}: " if world not in ("", "1") else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="visae: %(message)s", level=logging.INFO)
     try:
         return args.handler(args)
     except VisaeError as exc:
-        print(f"visae: error: {exc}", file=sys.stderr)
+        where = _rank_prefix()
+        print(f"visae: error: {where}{exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("visae: interrupted", file=sys.stderr)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from visae.sae.config import SAEConfig
+from visae.sae.model import WholeBatch
 from visae.sae.relu import ReLUSAE
 
 # Smallest initial threshold, in normalised pre-activation units (where a unit encoder row gives
@@ -105,9 +106,9 @@ class JumpReLUSAE(ReLUSAE):
         out: Tensor = JumpReLUFunction.apply(pre, self.threshold, self.cfg.jumprelu_bandwidth)
         return out
 
-    def _penalty(self, pre: Tensor, codes: Tensor) -> tuple[Tensor, float]:
+    def _penalty(self, pre: Tensor, codes: Tensor, batch: WholeBatch) -> tuple[Tensor, float]:
         steps = StepFunction.apply(pre, self.threshold, self.cfg.jumprelu_bandwidth)
-        return steps.sum(dim=1).mean(), self.cfg.l0_coeff
+        return batch.mean(steps.sum(dim=1)), self.cfg.l0_coeff
 
     @torch.no_grad()
     def _init_from_data(self, sample: Tensor) -> None:

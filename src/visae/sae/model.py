@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from visae.dist import Ranks
 from visae.errors import VisaeError
 from visae.sae.checkpoint import (
     WEIGHTS_NAME,
@@ -33,6 +34,9 @@ from visae.sae.stats import as_tensor, geometric_median, normalization_from_samp
 # the [chunk, n_latents] pre-activations to ~100 MB at 6,144 latents.
 SAMPLE_CHUNK = 4096
 
+# One process: the batch is all there is.
+LOCAL = Ranks()
+
 
 @dataclass
 class LossOutput:
@@ -40,7 +44,13 @@ class LossOutput:
 
     `loss` is the tensor to back-propagate; the other tensors are detached parts of it
     (`recon`: reconstruction, averaged over Matryoshka prefixes when used; `sparsity`: the
-    scaled L1/L0 penalty; `auxk`: the unweighted AuxK loss).
+    scaled L1/L0 penalty; `auxk`: the unweighted AuxK loss). Under data parallelism each rank
+    holds its share of every batch quantity (its tokens' terms over the whole batch's token
+    count), and `reduced` sums the shares into the batch's values.
+
+    `extra` holds further batch quantities (shares, like `recon`), `state` what the SAE's
+    state says after the batch (the same on every rank), `moments` the sums of x and of
+    |x|^2 over the rank's tokens (for the NMSE), `n_batch` the batch's token count.
     """
 
     loss: Tensor
@@ -48,9 +58,45 @@ class LossOutput:
     sparsity: Tensor
     auxk: Tensor
     l0: float
-    nmse: float
     dead_fraction: float
+    moments: Tensor
+    n_batch: int
     extra: dict[str, float] = field(default_factory=dict)
+    state: dict[str, float] = field(default_factory=dict)
+    mse: float = float("nan")
+
+    @property
+    def nmse(self) -> float:
+        """SSE / SSE of predicting the batch mean = mse / mean per-dimension variance; the
+        variance is E[x^2] - E[x]^2 per dimension, in float64."""
+        d = self.moments.numel() - 1
+        mean = self.moments[:d] / self.n_batch
+        variance = float(self.moments[d]) / (self.n_batch * d) - float(mean.square().mean())
+        return self.mse / variance if variance > 0 else float("nan")
+
+    def reduced(self, ranks: Ranks) -> LossOutput:
+        """The batch's values from every rank's shares (one all-reduce); itself on one rank."""
+        if not ranks.distributed:
+            return self
+        head = torch.stack([self.loss.detach(), self.recon, self.sparsity, self.auxk]).double()
+        tail = torch.tensor([self.l0, self.mse, *self.extra.values()], dtype=torch.float64)
+        flat = ranks.all_sum(torch.cat([head.cpu(), tail, self.moments.cpu()]))
+        n_extra = len(self.extra)
+        loss, recon, sparsity, auxk, l0, mse = flat[:6].tolist()
+        extras = flat[6 : 6 + n_extra].tolist()
+        return LossOutput(
+            torch.tensor(loss),
+            torch.tensor(recon),
+            torch.tensor(sparsity),
+            torch.tensor(auxk),
+            l0,
+            self.dead_fraction,
+            flat[6 + n_extra :],
+            self.n_batch,
+            dict(zip(self.extra, extras, strict=True)),
+            dict(self.state),
+            mse,
+        )
 
     def metrics(self) -> dict[str, float]:
         """Plain floats for a JSON-lines log."""
@@ -63,6 +109,7 @@ class LossOutput:
             "nmse": self.nmse,
             "dead_fraction": self.dead_fraction,
             **self.extra,
+            **self.state,
         }
 
 
@@ -325,18 +372,23 @@ class SAE(nn.Module):
         *,
         sparsity_scale: float = 1.0,
         update_state: bool | None = None,
+        ranks: Ranks = LOCAL,
     ) -> LossOutput:
         """The training objective on a raw batch [B, d].
 
         `sparsity_scale` multiplies the L1/L0 penalty (for a warm-up; the TopK family has none).
         With `update_state` (default: `self.training`) the batch counts as training data: it
-        advances `tokens_seen`, the dead-latent counters and BatchTopK's threshold.
+        advances `tokens_seen`, the dead-latent counters and BatchTopK's threshold. With the
+        `ranks` of a data-parallel job, `x` is this rank's part of the batch: the loss is its
+        share of the whole batch's, and every batch-wide rule (the means, AuxK's token count,
+        BatchTopK's selection, the dead-latent counters) sees the whole batch.
         """
         x_norm = self.normalize(x)
-        if x_norm.shape[0] == 0:
+        n_batch = int(ranks.all_sum(torch.tensor(x_norm.shape[0])))
+        if n_batch == 0:
             raise VisaeError("cannot compute the SAE loss of an empty batch")
         update = self.training if update_state is None else update_state
-        return self._loss(x_norm, float(sparsity_scale), update)
+        return self._loss(x_norm, float(sparsity_scale), update, WholeBatch(n_batch, ranks))
 
     def train_step(
         self,
@@ -344,19 +396,41 @@ class SAE(nn.Module):
         x: Tensor | np.ndarray,
         *,
         sparsity_scale: float = 1.0,
+        ranks: Ranks = LOCAL,
     ) -> LossOutput:
         """One complete optimisation step, in the only correct order.
 
-        zero grads -> loss -> backward -> remove the decoder-parallel gradient -> optimizer step
-        -> renormalise decoder rows.
+        zero grads -> loss -> backward -> (data-parallel: sum the ranks' gradients) -> remove
+        the decoder-parallel gradient -> optimizer step -> renormalise decoder rows. Every rank
+        then takes the same step from the same gradient, so the replicas stay equal. Returns
+        the whole batch's loss and metrics.
         """
         optimizer.zero_grad(set_to_none=True)
-        out = self.loss(x, sparsity_scale=sparsity_scale, update_state=True)
+        out = self.loss(x, sparsity_scale=sparsity_scale, update_state=True, ranks=ranks)
         out.loss.backward()
+        if ranks.distributed:
+            self._sum_gradients(ranks)
         self.remove_parallel_decoder_grad()
         optimizer.step()
         self.after_optimizer_step()
-        return out
+        return out.reduced(ranks)
+
+    @torch.no_grad()
+    def _sum_gradients(self, ranks: Ranks) -> None:
+        """Each parameter's gradient summed over ranks, in one all-reduce of one buffer (a
+        parameter no rank's loss reached keeps no gradient, as in one process)."""
+        params = list(self.parameters())
+        reached = torch.tensor([p.grad is not None for p in params], dtype=torch.int64)
+        reached = ranks.all_sum(reached.to(self.W_dec.device)) > 0
+        params = [p for p, r in zip(params, reached.tolist(), strict=True) if r]
+        flat = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+        )
+        flat = ranks.all_sum(flat)
+        offset = 0
+        for p in params:
+            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
 
     @torch.no_grad()
     def remove_parallel_decoder_grad(self) -> None:
@@ -389,7 +463,9 @@ class SAE(nn.Module):
         """Reconstruction without b_dec, in normalised space."""
         return codes.to_dense(values) @ self.W_dec
 
-    def _loss(self, x_norm: Tensor, sparsity_scale: float, update: bool) -> LossOutput:
+    def _loss(
+        self, x_norm: Tensor, sparsity_scale: float, update: bool, batch: WholeBatch
+    ) -> LossOutput:
         raise NotImplementedError
 
     def _preacts(self, x_norm: Tensor) -> Tensor:
@@ -397,29 +473,65 @@ class SAE(nn.Module):
         return torch.addmm(self.b_enc, x_norm - self.b_dec, self.W_enc.t())
 
     @torch.no_grad()
-    def _record_batch(self, cols: Tensor, fired: Tensor, n_tokens: int) -> None:
-        """Advance the token count and the dead-latent counters by one training batch.
+    def _record_batch(self, cols: Tensor, fired: Tensor, batch: WholeBatch) -> None:
+        """Advance the token count and the dead-latent counters by one training batch (the
+        whole batch, over every rank).
 
         `cols` are latent indices of code entries and `fired` says which entries are nonzero.
         """
-        self.tokens_seen += n_tokens
-        self.tokens_since_fired += n_tokens
+        self.tokens_seen += batch.n
+        self.tokens_since_fired += batch.n
         counts = torch.bincount(cols, weights=fired.to(torch.float32), minlength=self.n_latents)
+        counts = batch.ranks.all_sum(counts)
         self.tokens_since_fired.masked_fill_(counts > 0, 0)
 
-    def _metrics(self, x_norm: Tensor, mse: Tensor, nnz: int) -> tuple[float, float, float]:
-        """(l0, nmse, dead fraction) of a batch, given the mean squared error of x_hat.
+    def _output(
+        self,
+        loss: Tensor,
+        recon: Tensor,
+        sparsity: Tensor,
+        auxk: Tensor,
+        x_norm: Tensor,
+        mse: Tensor,
+        nnz: int,
+        batch: WholeBatch,
+        extra: dict[str, float] | None = None,
+    ) -> LossOutput:
+        """The rank's LossOutput: shares of the batch's quantities, with the moments of its
+        tokens (`mse` is its share of the batch's mean squared error of x_hat)."""
+        x = x_norm.detach().double()
+        moments = torch.cat([x.sum(dim=0), x.square().sum().reshape(1)])
+        return LossOutput(
+            loss,
+            recon.detach(),
+            sparsity.detach(),
+            auxk.detach(),
+            nnz / batch.n,
+            float(self.dead_mask().double().mean()),
+            moments,
+            batch.n,
+            extra or {},
+            self._state_metrics(),
+            float(mse.detach()),
+        )
 
-        NMSE = SSE / SSE of predicting the batch mean = mse / (mean per-dimension variance).
-        The variance is E[x^2] - E[x]^2 per dimension: one pass, and accurate because the
-        normalised input has a mean near zero (the two terms are subtracted in float64).
-        """
-        x = x_norm.detach()
-        mean_square = float(torch.linalg.vector_norm(x)) ** 2 / x.numel()
-        variance = mean_square - float(x.mean(dim=0).square().mean())
-        nmse = float(mse.detach()) / variance if variance > 0 else float("nan")
-        dead = float(self.dead_mask().double().mean())
-        return nnz / x_norm.shape[0], nmse, dead
+    def _state_metrics(self) -> dict[str, float]:
+        """What the SAE's state says after a batch (the same on every rank)."""
+        return {}
+
+
+@dataclass(frozen=True)
+class WholeBatch:
+    """The whole batch a rank holds a part of: its token count over every rank, and the ranks
+    (one process: the rank's part is the batch)."""
+
+    n: int
+    ranks: Ranks
+
+    def mean(self, per_token: Tensor) -> Tensor:
+        """The rank's share of the batch mean of a per-token quantity: its tokens' sum over the
+        batch's token count (the shares add up to the mean)."""
+        return per_token.sum(dim=0) / self.n
 
 
 def pad_rows(codes: SparseCodes, values: Tensor, width: int | None = None) -> tuple[Tensor, Tensor]:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from visae.sae.config import SAEConfig
-from visae.sae.model import SAE, LossOutput
+from visae.sae.model import SAE, LossOutput, WholeBatch
 from visae.sae.sparse import SparseCodes
 
 
@@ -52,27 +51,30 @@ class ReLUSAE(SAE):
     def encode(self, x: Tensor) -> Tensor:
         return self._dense_codes(self.normalize(x))
 
-    def _penalty(self, pre: Tensor, codes: Tensor) -> tuple[Tensor, float]:
-        """(sparsity penalty before its coefficient and scale, the coefficient)."""
+    def _penalty(self, pre: Tensor, codes: Tensor, batch: WholeBatch) -> tuple[Tensor, float]:
+        """(the rank's share of the sparsity penalty before its coefficient and scale, the
+        coefficient)."""
         weighted = codes
         if self.cfg.decoder_norm_l1:
             weighted = codes * torch.linalg.vector_norm(self.W_dec, dim=1)
-        return weighted.sum(dim=1).mean(), self.cfg.l1_coeff
+        return batch.mean(weighted.sum(dim=1)), self.cfg.l1_coeff
 
-    def _loss(self, x_norm: Tensor, sparsity_scale: float, update: bool) -> LossOutput:
+    def _loss(
+        self, x_norm: Tensor, sparsity_scale: float, update: bool, batch: WholeBatch
+    ) -> LossOutput:
         pre = self._preacts(x_norm)
         codes = self._activate(pre)
         x_hat = codes @ self.W_dec + self.b_dec
-        recon = F.mse_loss(x_hat, x_norm)
-        penalty, coeff = self._penalty(pre, codes)
+        recon = batch.mean((x_hat - x_norm).square().mean(dim=1))
+        penalty, coeff = self._penalty(pre, codes, batch)
         sparsity = sparsity_scale * coeff * penalty
         if update:
             fired = (codes.detach() > 0).any(dim=0)
             every = torch.arange(self.n_latents, device=fired.device)
-            self._record_batch(every, fired, x_norm.shape[0])
-        l0, nmse, dead = self._metrics(x_norm, recon, int((codes.detach() > 0).sum()))
-        extra = {"sparsity_penalty": float(penalty.detach())}
+            self._record_batch(every, fired, batch)
         zero = recon.new_zeros(())
-        return LossOutput(
-            recon + sparsity, recon.detach(), sparsity.detach(), zero, l0, nmse, dead, extra
+        nnz = int((codes.detach() > 0).sum())
+        extra = {"sparsity_penalty": float(penalty.detach())}
+        return self._output(
+            recon + sparsity, recon, sparsity, zero, x_norm, recon, nnz, batch, extra
         )

@@ -12,12 +12,11 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from visae.errors import VisaeError
 from visae.sae.config import SAEConfig
-from visae.sae.model import SAE, SAMPLE_CHUNK, LossOutput, pad_rows
+from visae.sae.model import LOCAL, SAE, SAMPLE_CHUNK, LossOutput, WholeBatch, pad_rows
 from visae.sae.sparse import (
     GatherPreacts,
     SparseCodes,
@@ -42,15 +41,18 @@ class _TopKFamily(SAE):
         self._scratch: Tensor | None = None
 
     # --- selection rules, per architecture
-    def _select_train(self, pre: Tensor) -> tuple[SparseCodes, Tensor]:
-        """Training selection: (codes, the selected entries' values in `pre`)."""
+    def _select_train(
+        self, pre: Tensor, batch: WholeBatch | None = None
+    ) -> tuple[SparseCodes, Tensor]:
+        """Training selection: (codes, the selected entries' values in `pre`), of the rank's
+        part `pre` of `batch` (None: `pre` is the whole batch)."""
         raise NotImplementedError
 
     def _select_infer(self, pre: Tensor) -> tuple[SparseCodes, Tensor]:
         """Inference selection: (codes, the selected entries' values in `pre`)."""
         raise NotImplementedError
 
-    def _after_batch(self, values: Tensor) -> None:
+    def _after_batch(self, values: Tensor, batch: WholeBatch) -> None:
         """Per-architecture state update after a training batch (BatchTopK's threshold)."""
 
     # --- shared pieces
@@ -126,16 +128,18 @@ class _TopKFamily(SAE):
     def _decode_codes(self, codes: SparseCodes, values: Tensor) -> Tensor:
         return decode_rows(values, self.W_dec, codes)
 
-    def _loss(self, x_norm: Tensor, sparsity_scale: float, update: bool) -> LossOutput:
+    def _loss(
+        self, x_norm: Tensor, sparsity_scale: float, update: bool, batch: WholeBatch
+    ) -> LossOutput:
         cfg = self.cfg
         bias = self._effective_bias()
         pre = self._dense_preacts(x_norm, bias, reuse=True)
-        codes, values = self._code_values(x_norm, *self._select_train(pre), bias)
+        codes, values = self._code_values(x_norm, *self._select_train(pre, batch), bias)
         extra: dict[str, float] = {}
         sizes = cfg.matryoshka_sizes()
         if sizes:
             nested = decode_nested(values, self.W_dec, codes, sizes) + self.b_dec
-            per_prefix = ((nested - x_norm[:, None, :]) ** 2).mean(dim=(0, 2))
+            per_prefix = batch.mean((nested - x_norm[:, None, :]).square().mean(dim=2))
             recon = per_prefix.mean()
             x_hat, mse = nested[:, -1], per_prefix[-1]
             extra.update(
@@ -146,22 +150,19 @@ class _TopKFamily(SAE):
             )
         else:
             x_hat = decode_rows(values, self.W_dec, codes) + self.b_dec
-            recon = mse = F.mse_loss(x_hat, x_norm)
-        auxk = self._auxk_loss(x_norm, x_hat, pre, bias) if cfg.auxk else recon.new_zeros(())
+            recon = mse = batch.mean((x_hat - x_norm).square().mean(dim=1))
+        auxk = self._auxk_loss(x_norm, x_hat, pre, bias, batch) if cfg.auxk else recon.new_zeros(())
         loss = recon + cfg.auxk_coeff * auxk
         fired = values.detach() > 0
         if update:
-            self._record_batch(codes.cols, fired, x_norm.shape[0])
-            self._after_batch(values.detach())
-        l0, nmse, dead = self._metrics(x_norm, mse, int(fired.sum()))
-        extra.update(self._state_metrics())
+            self._record_batch(codes.cols, fired, batch)
+            self._after_batch(values.detach(), batch)
         zero = recon.new_zeros(())
-        return LossOutput(loss, recon.detach(), zero, auxk.detach(), l0, nmse, dead, extra)
+        return self._output(loss, recon, zero, auxk, x_norm, mse, int(fired.sum()), batch, extra)
 
-    def _state_metrics(self) -> dict[str, float]:
-        return {}
-
-    def _auxk_loss(self, x_norm: Tensor, x_hat: Tensor, pre: Tensor, bias: Tensor) -> Tensor:
+    def _auxk_loss(
+        self, x_norm: Tensor, x_hat: Tensor, pre: Tensor, bias: Tensor, batch: WholeBatch
+    ) -> Tensor:
         """Gao et al.'s AuxK: the k_aux largest pre-activations of the dead latents (ReLU'd)
         reconstruct each token's residual r = x - x_hat (detached, no b_dec).
 
@@ -170,7 +171,7 @@ class _TopKFamily(SAE):
         reconstruction error and stop reviving latents as training goes on. Tokens whose
         residual mean square is below `AUXK_MIN_RESIDUAL` (reconstructed to rounding error, in
         normalised units where a token's mean square is ~1) have nothing to explain and are
-        left out of the mean; 0 when no token is left.
+        left out of the mean (of the whole batch's live tokens); 0 when no token is left.
         """
         dead = self.dead_mask().nonzero().squeeze(1)
         if dead.numel() == 0:
@@ -183,7 +184,7 @@ class _TopKFamily(SAE):
         residual = (x_norm - x_hat).detach()
         residual_ms = residual.square().mean(dim=1)
         live = residual_ms > AUXK_MIN_RESIDUAL
-        n_live = int(live.sum())
+        n_live = int(batch.ranks.all_sum(live.sum()))
         if n_live == 0:
             return x_hat.new_zeros(())
         error_ms = (decode_rows(values, self.W_dec, codes) - residual).square().mean(dim=1)
@@ -198,7 +199,9 @@ class TopKSAE(_TopKFamily):
     arch = "topk"
     uses = _TopKFamily.uses | {"signed_topk"}
 
-    def _select_train(self, pre: Tensor) -> tuple[SparseCodes, Tensor]:
+    def _select_train(
+        self, pre: Tensor, batch: WholeBatch | None = None
+    ) -> tuple[SparseCodes, Tensor]:
         top = pre.topk(self.cfg.k, dim=1, sorted=False)
         return codes_from_topk(top.values, top.indices, self.n_latents, self.cfg.signed_topk)
 
@@ -228,9 +231,23 @@ class BatchTopKSAE(_TopKFamily):
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64))
 
-    def _select_train(self, pre: Tensor) -> tuple[SparseCodes, Tensor]:
-        codes, flat_index = batch_topk(pre, self.cfg.k * pre.shape[0])
-        return codes, pre.reshape(-1)[flat_index]
+    def _select_train(
+        self, pre: Tensor, batch: WholeBatch | None = None
+    ) -> tuple[SparseCodes, Tensor]:
+        """The k * B largest positive pre-activations of the whole batch: under data
+        parallelism, each rank's candidates are its own k * B largest, and the ones it keeps
+        those at or above the k * B-th largest of every rank's candidates."""
+        whole = batch or WholeBatch(pre.shape[0], LOCAL)
+        count = self.cfg.k * whole.n
+        codes, flat_index = batch_topk(pre, min(count, pre.numel()))
+        flat = pre.reshape(-1)
+        if whole.ranks.distributed:
+            candidates = whole.ranks.all_cat(flat[flat_index].float())
+            if candidates.numel() > count:
+                cutoff = candidates.topk(count, sorted=False).values.min()
+                keep = (flat[flat_index] >= cutoff.to(pre.dtype)).nonzero().squeeze(1)
+                codes, flat_index = codes.subset(keep), flat_index[keep]
+        return codes, flat[flat_index]
 
     def _select_infer(self, pre: Tensor) -> tuple[SparseCodes, Tensor]:
         if int(self.threshold_updates) == 0:
@@ -245,11 +262,12 @@ class BatchTopKSAE(_TopKFamily):
         return codes, flat[flat_index]
 
     @torch.no_grad()
-    def _after_batch(self, values: Tensor) -> None:
+    def _after_batch(self, values: Tensor, batch: WholeBatch) -> None:
         positive = values[values > 0]
-        if positive.numel() == 0:
+        inf = torch.tensor(float("inf"), dtype=self.threshold.dtype, device=values.device)
+        smallest = batch.ranks.all_min(positive.min().to(inf.dtype) if positive.numel() else inf)
+        if not bool(torch.isfinite(smallest)):
             return
-        smallest = positive.min().to(self.threshold.dtype)
         if int(self.threshold_updates) == 0:
             self.threshold.copy_(smallest)
         else:

@@ -19,10 +19,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from visae.devices import half_precision_is_emulated
+from visae.dist import Ranks
 from visae.errors import VisaeError
 from visae.store.format import n_layout_tokens
 from visae.store.reader import ActivationStore
-from visae.store.writer import LayerSpec, StoreSpec, StoreWriter
+from visae.store.writer import LayerSpec, PartWriter, StoreSpec, StoreWriter
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -121,6 +122,7 @@ def extract(
     on_unreadable: str = "skip",
     progress: bool = True,
     autocast: str | None = None,
+    ranks: Ranks | None = None,
 ) -> ActivationStore:
     """Run `backbone` over `dataset` and store the stream after each of `layers`.
 
@@ -130,6 +132,11 @@ def extract(
     `autocast` ("bf16", "fp16") runs the forward under `torch.autocast` (faster on GPUs and
     AVX-512 CPUs, slightly different numbers; recorded in the manifest); the store keeps its
     `dtype` either way.
+
+    With `ranks` of a distributed job (`visae.dist.current()`, under torchrun), the ranks
+    share the shards still to write and rank 0 lists them in the manifest: the store is the
+    one a single process writes, byte for byte, and a killed job resumes with any number of
+    ranks.
     """
     if on_unreadable not in ON_UNREADABLE:
         raise VisaeError(f"on_unreadable must be 'skip' or 'fail', not {on_unreadable!r}")
@@ -142,6 +149,10 @@ def extract(
     layer_list = [e["layer"] for e in spec.layer_entries]
     n_total = len(dataset)
     n_shards = math.ceil(n_total / shard_images)
+    if ranks is not None and ranks.distributed:
+        return _extract_ranks(
+            backbone, dataset, out, spec, batch_size, device, on_unreadable, progress, ranks
+        )
 
     with StoreWriter(out, spec) as writer:
         if writer.complete:
@@ -177,6 +188,90 @@ def extract(
                 writer.append_shard(acts, metadata, skipped)
         writer.finish()
     return ActivationStore.open(out, verify=False, progress=progress)
+
+
+def _extract_ranks(
+    backbone: Backbone,
+    dataset: ImageDataset,
+    out: str | os.PathLike[str],
+    spec: StoreSpec,
+    batch_size: int,
+    device: str,
+    on_unreadable: str,
+    progress: bool,
+    ranks: Ranks,
+) -> ActivationStore:
+    """`extract` as one rank of a job: rank 0 opens (or resumes) the store and holds it; every
+    rank writes every `world`-th shard still missing; rank 0 then lists them all."""
+    n_total = len(dataset)
+    shard_images = spec.shard_images
+    n_shards = math.ceil(n_total / shard_images)
+    holder: list[StoreWriter] = []
+
+    def open_store() -> list[int] | None:
+        writer = StoreWriter(out, spec)
+        holder.append(writer)
+        if writer.complete:
+            return None
+        done = [*range(writer.n_shards), *writer.parts()]
+        for index, record in writer.parts().items():
+            want = min(shard_images, n_total - index * shard_images)
+            if index >= n_shards or record["images"] + len(record["skipped"]) != want:
+                raise VisaeError(
+                    f"cannot resume {out}: its shard {index} does not follow extract's layout"
+                )
+        return done
+
+    try:
+        done = ranks.from_main(open_store)
+        if done is None:
+            if ranks.main:
+                logger.warning("store %s is already complete; nothing to do", out)
+            return ActivationStore.open(out, verify=False, progress=False)
+        todo = [s for s in range(n_shards) if s not in set(done)]
+        mine = todo[ranks.rank :: ranks.world]
+        if ranks.main and done:
+            logger.warning(
+                "resuming %s: %d of %d shards are written, %d ranks share the rest",
+                out,
+                len(done),
+                n_shards,
+                ranks.world,
+            )
+        parts = PartWriter(out, spec)
+        layer_list = [e["layer"] for e in spec.layer_entries]
+        precision = _precision(spec.autocast, device)
+        backbone.to(device)
+        total = sum(min(shard_images, n_total - s * shard_images) for s in mine)
+        with tqdm(
+            total=total,
+            unit="img",
+            desc=f"extract {backbone.name} ({ranks.label()})",
+            disable=not (progress and ranks.main),
+        ) as bar:
+            for shard in mine:
+                lo = shard * shard_images
+                hi = min(lo + shard_images, n_total)
+                with precision:
+                    acts, metadata, skipped = _run_shard(
+                        backbone, dataset, spec, layer_list, lo, hi, batch_size, on_unreadable, bar
+                    )
+                parts.write(shard, acts, metadata, skipped)
+        ranks.barrier()
+        if ranks.main:
+            writer = holder[0]
+            writer.adopt_parts()
+            if writer.n_shards != n_shards:
+                raise VisaeError(
+                    f"store {out}: {writer.n_shards} of {n_shards} shards are listed after "
+                    "every rank finished"
+                )
+            writer.finish()
+        ranks.barrier()
+    finally:
+        for writer in holder:
+            writer.close()
+    return ActivationStore.open(out, verify=False, progress=False)
 
 
 def _run_shard(

@@ -18,6 +18,9 @@ SCHEMA_VERSION = 1
 FORMAT_NAME = "visae.activation-store"
 MANIFEST = "manifest.json"
 METADATA_DIR = "metadata"
+# Shards written by the ranks of a distributed extraction wait here, one record each, until rank
+# 0 lists them in the manifest (the folder is gone from a finished store).
+PARTS_DIR = "parts"
 DTYPES = ("float16", "float32")
 TOKEN_CHOICES = ("all", "patch", "cls")
 AUTOCAST_CHOICES = ("bf16", "fp16")
@@ -37,6 +40,11 @@ def shard_file(layer: int, shard: int) -> str:
 def metadata_file(shard: int) -> str:
     """Path of a shard's per-image metadata (JSON lines) relative to the store root."""
     return f"{METADATA_DIR}/shard_{shard:05d}.jsonl"
+
+
+def part_file(shard: int) -> str:
+    """Path of a shard's record from a distributed extraction, relative to the store root."""
+    return f"{PARTS_DIR}/shard_{shard:05d}.json"
 
 
 def dumps_json(obj: Any) -> str:

@@ -3,6 +3,7 @@ from another model, preprocessing, dataset or layout into an existing store."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -26,6 +27,7 @@ from visae.store.format import (
     FORMAT_NAME,
     MANIFEST,
     METADATA_DIR,
+    PARTS_DIR,
     SCHEMA_VERSION,
     TOKEN_CHOICES,
     dumps_json,
@@ -34,6 +36,7 @@ from visae.store.format import (
     layer_dir,
     metadata_file,
     normalise_json,
+    part_file,
     shard_file,
     stored_selection,
 )
@@ -43,7 +46,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("visae.store")
 
-_SHARD_NAME = re.compile(r"^shard_(\d{5})\.(npy|jsonl)$")
+_SHARD_NAME = re.compile(r"^shard_(\d{5})\.(npy|jsonl|json)$")
 
 
 def _layout_dict(layout: TokenLayout | Mapping[str, Any]) -> dict[str, Any]:
@@ -246,7 +249,100 @@ def _spec_difference(have: dict[str, Any], want: dict[str, Any]) -> str | None:
     return None
 
 
-class StoreWriter:
+class _ShardFiles:
+    """What every writer of shard files shares: the checks and the bytes of one shard."""
+
+    def __init__(self, path: Path, spec: StoreSpec, allow_nonfinite: bool) -> None:
+        self.path = path
+        self.spec = spec
+        self.allow_nonfinite = allow_nonfinite
+        self._entries = {e["layer"]: e for e in spec.layer_entries}
+
+    def _lines(self, metadata: Sequence[Mapping[str, Any]], first_image: int) -> bytes:
+        lines = []
+        for i, m in enumerate(metadata):
+            try:
+                lines.append(dumps_json_line(dict(m)))
+            except (TypeError, ValueError) as e:
+                raise VisaeError(
+                    f"metadata of image {first_image + i} is not JSON-able: {e}"
+                ) from None
+        return "".join(lines).encode("utf-8")
+
+    def _prepare(
+        self,
+        acts_by_layer: Mapping[int, np.ndarray],
+        metadata: Sequence[Mapping[str, Any]],
+        first_image: int,
+    ) -> tuple[dict[int, np.ndarray], list[dict[str, Any]]]:
+        """Check shapes, cast to the store dtype, and find non-finite values; returns the
+        arrays to write and the non-finite records (empty unless allowed), which number
+        images from `first_image`."""
+        n = len(metadata)
+        if set(acts_by_layer) != set(self._entries):
+            missing = sorted(set(self._entries) - set(acts_by_layer))
+            extra = sorted(set(acts_by_layer) - set(self._entries))
+            raise VisaeError(
+                f"append_shard needs exactly the store's layers {sorted(self._entries)}"
+                + (f"; missing {missing}" if missing else "")
+                + (f"; not in the store {extra}" if extra else "")
+            )
+        out: dict[int, np.ndarray] = {}
+        nonfinite: list[dict[str, Any]] = []
+        for layer, e in self._entries.items():
+            acts = np.asarray(acts_by_layer[layer])
+            want = (n, e["n_tokens"], e["d"])
+            if acts.shape != want:
+                raise VisaeError(
+                    f"layer {layer}: got activations of shape {list(acts.shape)}, expected "
+                    f"{list(want)} ({n} images x {e['n_tokens']} {self.spec.tokens} tokens x d)"
+                )
+            if not np.issubdtype(acts.dtype, np.floating):
+                raise VisaeError(f"layer {layer}: activations must be floats, not {acts.dtype}")
+            with np.errstate(over="ignore"):
+                cast = np.ascontiguousarray(acts, dtype=self.spec.dtype)
+            bad_images = np.flatnonzero(~np.isfinite(cast).reshape(n, -1).all(axis=1))
+            for i in bad_images:
+                gi = first_image + int(i)
+                source = metadata[i].get("source", "?")
+                overflow = bool(np.isfinite(acts[i]).all())
+                if not self.allow_nonfinite:
+                    what = (
+                        f"values beyond the {self.spec.dtype} range (use dtype float32)"
+                        if overflow
+                        else "non-finite activations (NaN/inf)"
+                    )
+                    raise VisaeError(
+                        f"layer {layer}: {what} in image {gi} (source: {source}); nothing written"
+                    )
+                nonfinite.append({"image": gi, "layer": layer, "source": source})
+                logger.warning(
+                    "layer %d: non-finite activations in image %d (source: %s)", layer, gi, source
+                )
+            out[layer] = cast
+        return out, nonfinite
+
+    def _write_files(
+        self, index: int, arrays: Mapping[int, np.ndarray], blob: bytes
+    ) -> dict[str, dict[str, Any]]:
+        """Shard `index`'s per-layer arrays and metadata lines, each committed atomically;
+        returns `{relative path: {"bytes", "sha256"}}`."""
+        files: dict[str, dict[str, Any]] = {}
+        for layer, arr in arrays.items():
+            rel = shard_file(layer, index)
+            _mkdir(self.path / self._entries[layer]["dir"])
+
+            def write_npy(f: Any, arr: np.ndarray = arr) -> None:
+                np.lib.format.write_array(f, arr, version=(1, 0), allow_pickle=False)
+
+            files[rel] = write_file(self.path / rel, write_npy)
+        rel = metadata_file(index)
+        _mkdir(self.path / METADATA_DIR)
+        files[rel] = write_file(self.path / rel, lambda f: f.write(blob))
+        return files
+
+
+class StoreWriter(_ShardFiles):
     """Creates a store, or resumes the one already at `path` if it has the same spec.
 
     Each `append_shard` writes one shard per layer plus its metadata, each to a temporary
@@ -258,11 +354,8 @@ class StoreWriter:
     def __init__(
         self, path: str | os.PathLike[str], spec: StoreSpec, *, allow_nonfinite: bool = False
     ) -> None:
-        self.path = Path(path)
-        self.spec = spec
-        self.allow_nonfinite = allow_nonfinite
+        super().__init__(Path(path), spec, allow_nonfinite)
         self._lock_fd: int | None = None
-        self._entries = {e["layer"]: e for e in spec.layer_entries}
         if self.path.exists() and not self.path.is_dir():
             raise VisaeError(f"store path {self.path} exists and is not a directory")
         try:
@@ -275,6 +368,7 @@ class StoreWriter:
             if (self.path / MANIFEST).exists():
                 self.manifest = self._resume()
                 self.resumed = True
+                self.adopt_parts()
             else:
                 self._check_empty()
                 self.manifest = spec.manifest_header()
@@ -361,10 +455,20 @@ class StoreWriter:
         return manifest
 
     def _clean(self, manifest: dict[str, Any]) -> None:
-        """Remove temporary files and shards written after the last manifest update (their
-        writer was killed before it could list them; they will be written again)."""
+        """Remove temporary files and shards written after the last manifest update or part
+        record (their writer was killed before it could list them; they will be written
+        again)."""
         listed = {rel for shard in manifest["shards"] for rel in shard["files"]}
-        dirs = [self.path, self.path / METADATA_DIR]
+        parts = self.path / PARTS_DIR
+        for entry in parts.glob("shard_*.json") if parts.is_dir() else []:
+            if is_tmp_name(entry.name):
+                continue
+            try:
+                record = json.loads(entry.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise VisaeError(f"cannot read {entry}: {e}") from None
+            listed |= {entry.relative_to(self.path).as_posix(), *record["files"]}
+        dirs = [self.path, parts, self.path / METADATA_DIR]
         dirs += [self.path / e["dir"] for e in manifest["layers"]]
         for d in dirs:
             if not d.is_dir():
@@ -382,55 +486,6 @@ class StoreWriter:
     def _write_manifest(self) -> None:
         text = dumps_json(self.manifest).encode("utf-8")
         write_file(self.path / MANIFEST, lambda f: f.write(text))
-
-    def _prepare(
-        self, acts_by_layer: Mapping[int, np.ndarray], metadata: Sequence[Mapping[str, Any]]
-    ) -> tuple[dict[int, np.ndarray], list[dict[str, Any]]]:
-        """Check shapes, cast to the store dtype, and find non-finite values; returns the
-        arrays to write and the non-finite records (empty unless allowed)."""
-        n = len(metadata)
-        if set(acts_by_layer) != set(self._entries):
-            missing = sorted(set(self._entries) - set(acts_by_layer))
-            extra = sorted(set(acts_by_layer) - set(self._entries))
-            raise VisaeError(
-                f"append_shard needs exactly the store's layers {sorted(self._entries)}"
-                + (f"; missing {missing}" if missing else "")
-                + (f"; not in the store {extra}" if extra else "")
-            )
-        out: dict[int, np.ndarray] = {}
-        nonfinite: list[dict[str, Any]] = []
-        for layer, e in self._entries.items():
-            acts = np.asarray(acts_by_layer[layer])
-            want = (n, e["n_tokens"], e["d"])
-            if acts.shape != want:
-                raise VisaeError(
-                    f"layer {layer}: got activations of shape {list(acts.shape)}, expected "
-                    f"{list(want)} ({n} images x {e['n_tokens']} {self.spec.tokens} tokens x d)"
-                )
-            if not np.issubdtype(acts.dtype, np.floating):
-                raise VisaeError(f"layer {layer}: activations must be floats, not {acts.dtype}")
-            with np.errstate(over="ignore"):
-                cast = np.ascontiguousarray(acts, dtype=self.spec.dtype)
-            bad_images = np.flatnonzero(~np.isfinite(cast).reshape(n, -1).all(axis=1))
-            for i in bad_images:
-                gi = self.n_images + int(i)
-                source = metadata[i].get("source", "?")
-                overflow = bool(np.isfinite(acts[i]).all())
-                if not self.allow_nonfinite:
-                    what = (
-                        f"values beyond the {self.spec.dtype} range (use dtype float32)"
-                        if overflow
-                        else "non-finite activations (NaN/inf)"
-                    )
-                    raise VisaeError(
-                        f"layer {layer}: {what} in image {gi} (source: {source}); nothing written"
-                    )
-                nonfinite.append({"image": gi, "layer": layer, "source": source})
-                logger.warning(
-                    "layer %d: non-finite activations in image %d (source: %s)", layer, gi, source
-                )
-            out[layer] = cast
-        return out, nonfinite
 
     def append_shard(
         self,
@@ -450,51 +505,43 @@ class StoreWriter:
             raise VisaeError(
                 f"a shard holds at most shard_images={self.spec.shard_images} images, got {n}"
             )
-        lines = []
-        for i, m in enumerate(metadata):
-            try:
-                lines.append(dumps_json_line(dict(m)))
-            except (TypeError, ValueError) as e:
-                raise VisaeError(
-                    f"metadata of image {self.n_images + i} is not JSON-able: {e}"
-                ) from None
-        try:
-            skipped_json = normalise_json([dict(s) for s in skipped])
-        except (TypeError, ValueError) as e:
-            raise VisaeError(f"skipped-image records are not JSON-able: {e}") from None
-        arrays, nonfinite = self._prepare(acts_by_layer, metadata)
-
+        blob = self._lines(metadata, self.n_images)
+        skipped_json = _skipped_json(skipped)
+        arrays, nonfinite = self._prepare(acts_by_layer, metadata, self.n_images)
         index = self.n_shards
-        files: dict[str, dict[str, Any]] = {}
-        for layer, arr in arrays.items():
-            rel = shard_file(layer, index)
-            _mkdir(self.path / self._entries[layer]["dir"])
-
-            def write_npy(f: Any, arr: np.ndarray = arr) -> None:
-                np.lib.format.write_array(f, arr, version=(1, 0), allow_pickle=False)
-
-            files[rel] = write_file(self.path / rel, write_npy)
-        rel = metadata_file(index)
-        _mkdir(self.path / METADATA_DIR)
-        blob = "".join(lines).encode("utf-8")
-        files[rel] = write_file(self.path / rel, lambda f: f.write(blob))
+        files = self._write_files(index, arrays, blob)
         for rel, info in files.items():  # written and hashed just now: no reader re-hashes them
             self._checked.record(rel, (self.path / rel).stat(), info["sha256"])
+        self._list_shards([(n, files, nonfinite, skipped_json)])
+        (self.path / part_file(index)).unlink(missing_ok=True)
 
-        record: dict[str, Any] = {
-            "index": index,
-            "images": n,
-            "first_image": self.n_images,
-            "files": files,
-        }
-        if nonfinite:
-            record["nonfinite"] = nonfinite
+    def _list_shards(
+        self,
+        shards: Sequence[
+            tuple[int, dict[str, dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]
+        ],
+    ) -> None:
+        """Append `(images, files, nonfinite, skipped)` shards, in order, to the manifest and
+        write it once."""
         previous = self.manifest
+        records, skipped, n_images = [], [], self.n_images
+        for i, (n, files, nonfinite, skipped_json) in enumerate(shards):
+            record: dict[str, Any] = {
+                "index": self.n_shards + i,
+                "images": n,
+                "first_image": n_images,
+                "files": files,
+            }
+            if nonfinite:
+                record["nonfinite"] = nonfinite
+            records.append(record)
+            skipped.extend(skipped_json)
+            n_images += n
         self.manifest = {
             **previous,
-            "shards": [*previous["shards"], record],
-            "n_images": self.n_images + n,
-            "skipped": [*previous["skipped"], *skipped_json],
+            "shards": [*previous["shards"], *records],
+            "n_images": n_images,
+            "skipped": [*previous["skipped"], *skipped],
         }
         try:
             self._write_manifest()
@@ -502,11 +549,69 @@ class StoreWriter:
             self.manifest = previous
             raise
 
+    # -- shards written by other processes ---------------------------------------------------
+
+    def parts(self) -> dict[int, dict[str, Any]]:
+        """The records of shards that ranks of a distributed extraction wrote and the manifest
+        does not list yet, by shard index (each one checked against the files it names)."""
+        found: dict[int, dict[str, Any]] = {}
+        folder = self.path / PARTS_DIR
+        if not folder.is_dir():
+            return found
+        for entry in sorted(folder.iterdir()):
+            match = _SHARD_NAME.match(entry.name)
+            if not match or match.group(2) != "json":
+                continue
+            index = int(match.group(1))
+            if index < self.n_shards:  # listed already; its record outlived a kill
+                entry.unlink()
+                continue
+            try:
+                record = json.loads(entry.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise VisaeError(f"cannot read {entry}: {e}") from None
+            for rel, info in record["files"].items():
+                f = self.path / rel
+                if not f.is_file() or f.stat().st_size != info["bytes"]:
+                    raise VisaeError(f"{entry} names {rel}, which is missing or truncated")
+            found[index] = record
+        return found
+
+    def adopt_parts(self) -> int:
+        """List, in the manifest, the shards in `parts()` that continue it without a gap, and
+        drop their records; returns how many were listed."""
+        if self._lock_fd is None:
+            raise VisaeError(f"writer for {self.path} is closed")
+        parts = self.parts()
+        run = []
+        while self.n_shards + len(run) in parts:
+            record = parts[self.n_shards + len(run)]
+            run.append(record)
+        if not run:
+            return 0
+        first = self.n_images
+        shards = []
+        for record in run:
+            nonfinite = [{**bad, "image": first + bad["image"]} for bad in record["nonfinite"]]
+            shards.append((record["images"], record["files"], nonfinite, record["skipped"]))
+            first += record["images"]
+        self._list_shards(shards)
+        for record in run:
+            (self.path / part_file(record["index"])).unlink(missing_ok=True)
+        return len(run)
+
     def finish(self) -> None:
         """Mark the store complete (a no-op if it already is) and release the lock."""
         if not self.complete:
             if self._lock_fd is None:
                 raise VisaeError(f"writer for {self.path} is closed")
+            if self.parts():
+                raise VisaeError(
+                    f"store {self.path}: shards {sorted(self.parts())} are written but do not "
+                    "follow the listed ones; run the extraction again to fill the gap"
+                )
+            with contextlib.suppress(FileNotFoundError):
+                (self.path / PARTS_DIR).rmdir()
             self.manifest = {**self.manifest, "complete": True}
             try:
                 self._write_manifest()
@@ -537,3 +642,51 @@ class StoreWriter:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class PartWriter(_ShardFiles):
+    """Writes whole shards of a store that another process (rank 0 of a distributed
+    extraction) holds open: each shard's files, then its record in `parts/`, so that a kill
+    leaves either a recorded shard or files the next opening removes. The holder lists the
+    records in the manifest (`StoreWriter.adopt_parts`)."""
+
+    def __init__(
+        self, path: str | os.PathLike[str], spec: StoreSpec, *, allow_nonfinite: bool = False
+    ) -> None:
+        super().__init__(Path(path), spec, allow_nonfinite)
+        if not (self.path / MANIFEST).is_file():
+            raise VisaeError(f"{self.path} has no {MANIFEST}: the store is not open for parts")
+
+    def write(
+        self,
+        index: int,
+        acts_by_layer: Mapping[int, np.ndarray],
+        metadata: Sequence[Mapping[str, Any]],
+        skipped: Sequence[Mapping[str, Any]] = (),
+    ) -> None:
+        """Write shard `index` (arguments as `StoreWriter.append_shard`); non-finite values
+        are recorded by their image's place in the shard until the shard is listed."""
+        if len(metadata) > self.spec.shard_images:
+            raise VisaeError(
+                f"a shard holds at most shard_images={self.spec.shard_images} images, "
+                f"got {len(metadata)}"
+            )
+        blob = self._lines(metadata, 0)
+        record = {
+            "index": index,
+            "images": len(metadata),
+            "skipped": _skipped_json(skipped),
+        }
+        arrays, nonfinite = self._prepare(acts_by_layer, metadata, 0)
+        record["files"] = self._write_files(index, arrays, blob)
+        record["nonfinite"] = nonfinite
+        _mkdir(self.path / PARTS_DIR)
+        text = dumps_json(record).encode("utf-8")
+        write_file(self.path / part_file(index), lambda f: f.write(text))
+
+
+def _skipped_json(skipped: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    try:
+        return normalise_json([dict(s) for s in skipped])
+    except (TypeError, ValueError) as e:
+        raise VisaeError(f"skipped-image records are not JSON-able: {e}") from None

@@ -62,14 +62,20 @@ def latest_checkpoint(out: Path) -> Path | None:
     return final if final.is_dir() else None
 
 
+def read_state(ckpt: Path) -> dict[str, Any]:
+    """The stream position a checkpoint folder was written at."""
+    try:
+        state: dict[str, Any] = json.loads((ckpt / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise VisaeError(f"cannot read training checkpoint {ckpt / STATE_FILE}: {exc}") from None
+    return state
+
+
 def load_training_checkpoint(
     ckpt: Path, names: list[str]
 ) -> tuple[dict[str, Any], dict[str, tuple[SAE, dict[str, torch.Tensor]]]]:
     """(stream state, {run: (SAE, optimizer tensors)}) from a checkpoint folder."""
-    try:
-        state = json.loads((ckpt / STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise VisaeError(f"cannot read training checkpoint {ckpt / STATE_FILE}: {exc}") from None
+    state = read_state(ckpt)
     runs = {}
     for name in names:
         if not (ckpt / name).is_dir():

@@ -3,6 +3,11 @@
 Every run sees the same batches in the same order (a sweep shares the I/O); the stream
 position, SAE weights, optimizer moments and dead-latent counters are checkpointed together,
 so a killed run resumes to the same weights as one that never stopped.
+
+Under torchrun the sweep trains data-parallel: every rank reads the same stream, computes on
+its own rows of each batch, and the ranks' gradients are summed before one identical step
+(`SAE.train_step`), so N ranks reach the weights one process reaches, within float rounding.
+Rank 0 alone writes logs, checkpoints and the final SAEs.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from tqdm.auto import tqdm
 
 from visae.atomic import append_line, read_lines, write_error, write_text
 from visae.devices import half_precision_is_emulated, resolve_device
+from visae.dist import Ranks, local_device
 from visae.errors import VisaeError
 from visae.sae import SAE, BatchTopKSAE
 from visae.store import ActivationStore
@@ -35,6 +41,7 @@ from visae.train.state import (
     latest_checkpoint,
     load_optimizer_tensors,
     load_training_checkpoint,
+    read_state,
     save_training_checkpoint,
 )
 
@@ -124,11 +131,20 @@ def steps_for(total_tokens: int, epoch_tokens: int, batch_size: int) -> int:
 class Trainer:
     """Fits every `RunSpec` to the store named in `TrainConfig`; see `train()`."""
 
-    def __init__(self, cfg: TrainConfig, runs: list[RunSpec], progress: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        runs: list[RunSpec],
+        progress: bool = True,
+        ranks: Ranks | None = None,
+    ) -> None:
         cfg.validate()
-        self.cfg, self.progress = cfg, progress
-        self.device = resolve_device(cfg.device)
-        self.store = ActivationStore.open(cfg.store, progress=progress)
+        self.ranks = ranks or Ranks()
+        self.cfg, self.progress = cfg, progress and self.ranks.main
+        self.device = resolve_device(local_device(cfg.device, self.ranks))
+        self.store = self.ranks.main_first(
+            lambda: ActivationStore.open(cfg.store, progress=self.progress)
+        )
         self.layer = resolve_layer(self.store, cfg.layer)
         d = self.store.d(self.layer)
         for run in runs:
@@ -272,23 +288,16 @@ class Trainer:
 
     def run(self) -> dict[str, Path]:
         """Train every run to `total_tokens`; returns {run name: final SAE folder}."""
-        self._prepare_out()
         names = [r.name for r in self.runs]
-        if (self.out / SUMMARY_FILE).exists():
+        start = self.ranks.from_main(self._start)
+        if start == "finished":
             logger.warning("%s already holds this finished training run; nothing to do", self.out)
             return {name: self.out / name / "sae" for name in names}
-        ckpt = latest_checkpoint(self.out)
-        if ckpt is None:
+        if start == "fresh":
             models = self._fresh(self._norm_sample())
             state = {"step": 0, "tokens": 0, "epoch": 0, "batch_in_epoch": 0}
-            for name in names:
-                try:
-                    (self.out / name).mkdir(exist_ok=True)
-                except OSError as exc:
-                    raise write_error(exc, self.out / name) from None
-                write_text(self.out / name / METRICS_FILE, "")
         else:
-            state, loaded = load_training_checkpoint(ckpt, names)
+            state, loaded = load_training_checkpoint(self.out / CHECKPOINT, names)
             models = {}
             for run in self.runs:
                 sae, opt_tensors = loaded[run.name]
@@ -296,15 +305,36 @@ class Trainer:
                 opt = torch.optim.Adam(sae.parameters(), lr=run.lr)
                 load_optimizer_tensors(sae, opt, opt_tensors)
                 models[run.name] = (sae, opt)
-                _truncate_log(self.out / run.name / METRICS_FILE, state["step"])
             logger.info(
                 "resuming %s at step %d (%d tokens)", self.out, state["step"], state["tokens"]
             )
-        eval_x = self._eval_tokens()
+        for sae, _ in models.values():
+            self.ranks.broadcast([*sae.state_dict().values(), sae.norm_mean, sae.norm_scale])
+        eval_x = self._eval_tokens() if self.ranks.main else None
         for sae, _ in models.values():
             sae.train()
         self._loop(models, state, eval_x)
         return self._finish(models, state)
+
+    def _start(self) -> str:
+        """Prepare the output folder (rank 0): "finished", "fresh" or "resume"."""
+        self._prepare_out()
+        names = [r.name for r in self.runs]
+        if (self.out / SUMMARY_FILE).exists():
+            return "finished"
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is None:
+            for name in names:
+                try:
+                    (self.out / name).mkdir(exist_ok=True)
+                except OSError as exc:
+                    raise write_error(exc, self.out / name) from None
+                write_text(self.out / name / METRICS_FILE, "")
+            return "fresh"
+        step = read_state(ckpt)["step"]
+        for name in names:
+            _truncate_log(self.out / name / METRICS_FILE, step)
+        return "resume"
 
     def _sae_metadata(self, state: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -321,9 +351,10 @@ class Trainer:
         self,
         models: dict[str, tuple[SAE, torch.optim.Optimizer]],
         state: dict[str, Any],
-        eval_x: np.ndarray,
+        eval_x: np.ndarray | None,
     ) -> None:
         cfg = self.cfg
+        ranks = self.ranks
         lrs = {r.name: r.lr for r in self.runs}
         stream = self._stream(state["epoch"], state["batch_in_epoch"])
         bar = tqdm(
@@ -347,7 +378,8 @@ class Trainer:
                 if not np.isfinite(batch).all():
                     where = find_nonfinite(self.store, self.layer, cfg.tokens, scan=True)
                     raise VisaeError(f"store {self.store.path}: NaN/inf activations in {where}")
-                x = torch.from_numpy(batch).to(self.device)
+                lo, hi = (len(batch) * r // ranks.world for r in (ranks.rank, ranks.rank + 1))
+                x = torch.from_numpy(batch[lo:hi]).to(self.device)
                 step = state["step"]
                 factor = lr_factor(
                     step, self.total_steps, self.lr_warmup, cfg.lr_decay, cfg.lr_decay_start
@@ -357,7 +389,7 @@ class Trainer:
                 for name, (sae, opt) in models.items():
                     for group in opt.param_groups:
                         group["lr"] = lrs[name] * factor
-                    out = sae.train_step(opt, x, sparsity_scale=sparsity)
+                    out = sae.train_step(opt, x, sparsity_scale=sparsity, ranks=ranks)
                     if not math.isfinite(float(out.loss.detach())):
                         raise VisaeError(
                             f"run {name} diverged at step {step} (loss is "
@@ -370,6 +402,10 @@ class Trainer:
                 state["tokens"] += len(batch)
                 bar.update(len(batch))
                 done = state["tokens"] >= self.total_tokens
+                if done:
+                    self._calibrate(models)
+                if not ranks.main:
+                    continue
                 if state["step"] % LOG_EVERY_STEPS == 0 or done:
                     for name, out in logs.items():
                         record = {
@@ -387,9 +423,9 @@ class Trainer:
                         + (f" ({first} +{len(models) - 1})" if len(models) > 1 else ""),
                         refresh=False,
                     )
-                if done:
-                    self._calibrate(models)
-                if done or _crossed(before, state["tokens"], cfg.eval_every_tokens):
+                if eval_x is not None and (
+                    done or _crossed(before, state["tokens"], cfg.eval_every_tokens)
+                ):
                     self._evaluate(models, state, eval_x)
                 if not done and _crossed(before, state["tokens"], cfg.checkpoint_every_tokens):
                     save_training_checkpoint(
@@ -424,6 +460,9 @@ class Trainer:
     def _finish(
         self, models: dict[str, tuple[SAE, torch.optim.Optimizer]], state: dict[str, Any]
     ) -> dict[str, Path]:
+        if not self.ranks.main:
+            self.ranks.barrier()
+            return {run.name: self.out / run.name / "sae" for run in self.runs}
         finals, summary = {}, {}
         for run in self.runs:
             sae, _ = models[run.name]
@@ -441,6 +480,7 @@ class Trainer:
             }
         write_text(self.out / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=True))
         shutil.rmtree(self.out / CHECKPOINT, ignore_errors=True)
+        self.ranks.barrier()
         return finals
 
 
@@ -462,6 +502,12 @@ def _truncate_log(path: Path, step: int) -> None:
     write_text(path, "".join(x + "\n" for x in keep))
 
 
-def train(cfg: TrainConfig, runs: list[RunSpec], progress: bool = True) -> dict[str, Path]:
-    """Train (or resume) every run of a sweep on one shared stream; {run: SAE folder}."""
-    return Trainer(cfg, runs, progress=progress).run()
+def train(
+    cfg: TrainConfig,
+    runs: list[RunSpec],
+    progress: bool = True,
+    ranks: Ranks | None = None,
+) -> dict[str, Path]:
+    """Train (or resume) every run of a sweep on one shared stream; {run: SAE folder}. With
+    the `ranks` of a torchrun job (`visae.dist.current()`), data-parallel over them."""
+    return Trainer(cfg, runs, progress=progress, ranks=ranks).run()
