@@ -133,6 +133,7 @@ TRAIN_FLAGS = (
     "checkpoint_every_tokens",
     "dead_window_fraction",
     "device",
+    "parallel",
     "seed",
 )
 
@@ -328,6 +329,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     lap("steer")
     _demo_study(analysis.path, out)
     lap("study")
+    _demo_scale(backbone, out)
+    lap("scale")
     root = export_static([analysis.path], out / "browser", overwrite=True, progress=progress)
     lap("browser")
     print(
@@ -339,6 +342,79 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         f"(or serve it: visae view {out / 'analysis'})"
     )
     return 0
+
+
+SCALE_DEMO_DATASET = "scenes#64"
+
+
+def _demo_scale(backbone: Any, out: Path) -> None:
+    """The first 64 scenes extracted, and a small SAE trained on them, by torchrun jobs of two
+    ranks beside this one process: the same store byte for byte, the same weights to float
+    rounding."""
+    import subprocess
+
+    import torch
+
+    from visae.data import load_dataset
+    from visae.sae import SAE
+    from visae.store import extract
+
+    root = out / "scale"
+    shards = ["--shard-images", "16"]
+    one, two = root / "store-1rank", root / "store-2ranks"
+    dataset = load_dataset(SCALE_DEMO_DATASET, progress=False)
+    extract(backbone, dataset, one, layers=[DEMO_LAYER], shard_images=16, progress=False)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    launcher += ["--nproc-per-node=2", "-m", "visae"]
+
+    def job(*argv: str) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run([*launcher, *argv], env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise VisaeError(f"the demo's torchrun job {argv[0]} failed: {last}")
+
+    job(
+        "extract",
+        "--dataset",
+        SCALE_DEMO_DATASET,
+        "--layers",
+        str(DEMO_LAYER),
+        *shards,
+        "--out",
+        str(two),
+        "--quiet",
+    )
+    files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
+    same = files == sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file()) and all(
+        (one / f).read_bytes() == (two / f).read_bytes() for f in files
+    )
+    sweep = ["--layer", str(DEMO_LAYER), "--arch", "topk", "--k", "32", "--expansion", "4"]
+    sweep += ["--batch-size", "1024", "--total-tokens", "32000", "--quiet"]
+    threads = torch.get_num_threads()
+    for n_threads in (threads, 1):  # the second: the rounding floor of another thread count
+        torch.set_num_threads(n_threads)
+        single = ["train", str(one), "--out", str(root / f"train-1rank-{n_threads}threads"), *sweep]
+        args = build_parser().parse_args(single)
+        args.handler(args)
+    torch.set_num_threads(threads)
+    job("train", str(two), "--out", str(root / "train-2ranks"), *sweep)
+
+    def weights(folder: str) -> dict[str, Any]:
+        return dict(SAE.load(root / folder / "topk-n1536-k32" / "sae").named_parameters())
+
+    def difference(a: dict[str, Any], b: dict[str, Any]) -> float:
+        """The largest relative difference of a parameter, |a - b| / |a|."""
+        return max(float((a[k] - b[k]).norm() / a[k].norm()) for k in a)
+
+    base = weights(f"train-1rank-{threads}threads")
+    floor = difference(base, weights("train-1rank-1threads"))
+    ranked = difference(base, weights("train-2ranks"))
+    print(
+        f"[demo] scale: torchrun with 2 ranks wrote the 1-process store byte for byte: {same}; "
+        f"its data-parallel SAE differs from the 1-process one by {ranked:.1e} (relative), "
+        f"as one process with 1 thread instead of {threads} does ({floor:.1e})"
+    )
 
 
 def _demo_intervention(
@@ -628,7 +704,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="a latent is dead after this fraction of the run without firing (default 0.1, "
         "capped at 10M tokens)",
     )
-    p.add_argument("--device", help="cpu (default), cuda, cuda:N or mps")
+    p.add_argument(
+        "--device",
+        help="cpu (default), cuda, cuda:N or mps; under torchrun, cuda is each rank's own GPU",
+    )
+    p.add_argument(
+        "--parallel",
+        choices=["batch", "runs"],
+        help="under torchrun: batch (default) splits every batch over the ranks "
+        "(data-parallel); runs gives each rank some of the sweep's SAEs on the whole stream",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_train)

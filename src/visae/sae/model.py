@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -84,11 +85,12 @@ class LossOutput:
         n_extra = len(self.extra)
         loss, recon, sparsity, auxk, l0, mse = flat[:6].tolist()
         extras = flat[6 : 6 + n_extra].tolist()
+        as_tensor = partial(torch.tensor, dtype=torch.float64)
         return LossOutput(
-            torch.tensor(loss),
-            torch.tensor(recon),
-            torch.tensor(sparsity),
-            torch.tensor(auxk),
+            as_tensor(loss),
+            as_tensor(recon),
+            as_tensor(sparsity),
+            as_tensor(auxk),
             l0,
             self.dead_fraction,
             flat[6 + n_extra :],

@@ -242,10 +242,11 @@ class BatchTopKSAE(_TopKFamily):
         codes, flat_index = batch_topk(pre, min(count, pre.numel()))
         flat = pre.reshape(-1)
         if whole.ranks.distributed:
-            candidates = whole.ranks.all_cat(flat[flat_index].float())
+            mine = flat[flat_index].double()  # exact in every compute dtype
+            candidates = whole.ranks.all_cat(mine)
             if candidates.numel() > count:
                 cutoff = candidates.topk(count, sorted=False).values.min()
-                keep = (flat[flat_index] >= cutoff.to(pre.dtype)).nonzero().squeeze(1)
+                keep = (mine >= cutoff).nonzero().squeeze(1)
                 codes, flat_index = codes.subset(keep), flat_index[keep]
         return codes, flat[flat_index]
 

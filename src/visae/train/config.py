@@ -17,6 +17,9 @@ from visae.sae import ARCHS, SAEConfig
 from visae.train.schedule import LR_DECAYS
 
 BEYOND_EPOCH = ("continue", "stop")
+# How the ranks of a torchrun job share a sweep: every SAE on its rows of each batch
+# ("batch", data-parallel), or each rank some of the SAEs on the whole stream ("runs").
+PARALLEL = ("batch", "runs")
 
 
 @dataclass
@@ -44,6 +47,7 @@ class TrainConfig:
     dead_window_fraction: float = 0.1
     prefetch: int = 2
     device: str = "cpu"
+    parallel: str = "batch"  # under torchrun: "batch" (data-parallel) or "runs" (SAEs per rank)
     seed: int = 0
 
     def validate(self) -> None:
@@ -62,6 +66,8 @@ class TrainConfig:
             raise VisaeError(f"total_tokens must be positive, not {self.total_tokens}")
         if self.tokens not in ("patch", "cls", "all"):
             raise VisaeError(f"tokens must be patch, cls or all, not {self.tokens!r}")
+        if self.parallel not in PARALLEL:
+            raise VisaeError(f"parallel must be one of {PARALLEL}, not {self.parallel!r}")
         if self.beyond_epoch not in BEYOND_EPOCH:
             raise VisaeError(
                 f"beyond_epoch must be one of {BEYOND_EPOCH}, not {self.beyond_epoch!r}"

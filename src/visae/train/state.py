@@ -4,6 +4,7 @@ safetensors, scalars to JSON."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from visae.atomic import atomic_directory, recover_directory, write_bytes, write_text
+from visae.dist import Ranks
 from visae.errors import VisaeError
 from visae.sae import SAE
 
@@ -45,14 +47,24 @@ def save_training_checkpoint(
     state: dict[str, Any],
     runs: dict[str, tuple[SAE, torch.optim.Optimizer]],
     sae_metadata: dict[str, Any],
+    ranks: Ranks | None = None,
 ) -> None:
     """Write `out/checkpoint` for every run at the same step; a crash at any moment leaves
-    either the previous checkpoint or this one, never a mix (see `visae.atomic`)."""
-    with atomic_directory(out / CHECKPOINT) as new:
+    either the previous checkpoint or this one, never a mix (see `visae.atomic`).
+
+    With the `ranks` of a job whose ranks hold different runs, each rank writes its own runs
+    into the one new folder, and rank 0 swaps it in once every rank has."""
+    ranks = ranks or Ranks()
+    with contextlib.ExitStack() as stack:
+        new = Path(
+            ranks.from_main(lambda: str(stack.enter_context(atomic_directory(out / CHECKPOINT))))
+        )
         for name, (sae, opt) in runs.items():
             sae.save(new / name / "sae", **sae_metadata)
             write_bytes(new / name / OPTIMIZER_FILE, save(optimizer_tensors(sae, opt)))
-        write_text(new / STATE_FILE, json.dumps(state, indent=2, sort_keys=True))
+        ranks.barrier()
+        if ranks.main:
+            write_text(new / STATE_FILE, json.dumps(state, indent=2, sort_keys=True))
 
 
 def latest_checkpoint(out: Path) -> Path | None:

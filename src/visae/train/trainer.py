@@ -4,10 +4,12 @@ Every run sees the same batches in the same order (a sweep shares the I/O); the 
 position, SAE weights, optimizer moments and dead-latent counters are checkpointed together,
 so a killed run resumes to the same weights as one that never stopped.
 
-Under torchrun the sweep trains data-parallel: every rank reads the same stream, computes on
-its own rows of each batch, and the ranks' gradients are summed before one identical step
-(`SAE.train_step`), so N ranks reach the weights one process reaches, within float rounding.
-Rank 0 alone writes logs, checkpoints and the final SAEs.
+Under torchrun the sweep trains data-parallel (`parallel="batch"`): every rank reads the same
+stream, computes on its own rows of each batch, and the ranks' gradients are summed before one
+identical step (`SAE.train_step`), so N ranks reach the weights one process reaches, within
+float rounding; rank 0 alone writes logs, checkpoints and the final SAEs. With
+`parallel="runs"` each rank trains every N-th run of the sweep on the whole stream (a sweep
+wider than one device), exactly as one process would, and writes those runs' files.
 """
 
 from __future__ import annotations
@@ -190,6 +192,17 @@ class Trainer:
         self.lr_warmup = min(cfg.lr_warmup_steps, self.total_steps // 10)
         self.sparsity_warmup = min(cfg.sparsity_warmup_steps, self.total_steps // 10)
         self.runs = [self._scaled_dead_window(run) for run in runs]
+        self.split_runs = self.ranks.distributed and cfg.parallel == "runs"
+        if self.split_runs and len(self.runs) < self.ranks.world:
+            raise VisaeError(
+                f"parallel=runs shares the sweep's {len(self.runs)} runs among "
+                f"{self.ranks.world} ranks: use at most {len(self.runs)} ranks, or "
+                "parallel=batch"
+            )
+        # the runs this rank trains, and the ranks its steps are summed over
+        self.mine = self.runs[self.ranks.rank :: self.ranks.world] if self.split_runs else self.runs
+        self.step_ranks = Ranks() if self.split_runs else self.ranks
+        self.writes_runs = self.split_runs or self.ranks.main
         self.out = Path(cfg.out)
         slow = [r.name for r in self.runs if r.sae.compute_dtype == "bfloat16"]
         if slow and half_precision_is_emulated(self.device):
@@ -220,7 +233,8 @@ class Trainer:
 
     def _describe(self) -> dict[str, Any]:
         train = self.cfg.to_dict() | {"layer": self.layer}
-        train.pop("device")  # where it runs does not change what it computes
+        train.pop("device")  # where and how parallel it runs does not change what it computes
+        train.pop("parallel")
         return {
             "train": train,
             "runs": [r.to_dict() for r in self.runs],
@@ -278,7 +292,7 @@ class Trainer:
 
     def _fresh(self, sample: np.ndarray) -> dict[str, tuple[SAE, torch.optim.Optimizer]]:
         models = {}
-        for run in self.runs:
+        for run in self.mine:
             sae = SAE.create(run.sae).to(self.device)
             sae.init_from_sample(sample)
             models[run.name] = (sae, torch.optim.Adam(sae.parameters(), lr=run.lr))
@@ -297,9 +311,10 @@ class Trainer:
             models = self._fresh(self._norm_sample())
             state = {"step": 0, "tokens": 0, "epoch": 0, "batch_in_epoch": 0}
         else:
-            state, loaded = load_training_checkpoint(self.out / CHECKPOINT, names)
+            mine = [r.name for r in self.mine]
+            state, loaded = load_training_checkpoint(self.out / CHECKPOINT, mine)
             models = {}
-            for run in self.runs:
+            for run in self.mine:
                 sae, opt_tensors = loaded[run.name]
                 sae.to(self.device).train()
                 opt = torch.optim.Adam(sae.parameters(), lr=run.lr)
@@ -309,8 +324,8 @@ class Trainer:
                 "resuming %s at step %d (%d tokens)", self.out, state["step"], state["tokens"]
             )
         for sae, _ in models.values():
-            self.ranks.broadcast([*sae.state_dict().values(), sae.norm_mean, sae.norm_scale])
-        eval_x = self._eval_tokens() if self.ranks.main else None
+            self.step_ranks.broadcast([*sae.state_dict().values(), sae.norm_mean, sae.norm_scale])
+        eval_x = self._eval_tokens() if self.writes_runs else None
         for sae, _ in models.values():
             sae.train()
         self._loop(models, state, eval_x)
@@ -354,7 +369,7 @@ class Trainer:
         eval_x: np.ndarray | None,
     ) -> None:
         cfg = self.cfg
-        ranks = self.ranks
+        ranks = self.step_ranks
         lrs = {r.name: r.lr for r in self.runs}
         stream = self._stream(state["epoch"], state["batch_in_epoch"])
         bar = tqdm(
@@ -365,7 +380,7 @@ class Trainer:
             desc=f"train {len(models)} SAE{'s' if len(models) > 1 else ''}",
             disable=not self.progress,
         )
-        first = self.runs[0].name
+        first = self.mine[0].name
         with bar:
             while state["tokens"] < self.total_tokens:
                 batch = next(stream, None)
@@ -404,7 +419,14 @@ class Trainer:
                 done = state["tokens"] >= self.total_tokens
                 if done:
                     self._calibrate(models)
-                if not ranks.main:
+                checkpoint = not done and _crossed(
+                    before, state["tokens"], cfg.checkpoint_every_tokens
+                )
+                if checkpoint and self.split_runs:
+                    save_training_checkpoint(
+                        self.out, dict(state), models, self._sae_metadata(state), self.ranks
+                    )
+                if not self.writes_runs:
                     continue
                 if state["step"] % LOG_EVERY_STEPS == 0 or done:
                     for name, out in logs.items():
@@ -427,7 +449,7 @@ class Trainer:
                     done or _crossed(before, state["tokens"], cfg.eval_every_tokens)
                 ):
                     self._evaluate(models, state, eval_x)
-                if not done and _crossed(before, state["tokens"], cfg.checkpoint_every_tokens):
+                if checkpoint and not self.split_runs:
                     save_training_checkpoint(
                         self.out, dict(state), models, self._sae_metadata(state)
                     )
@@ -460,26 +482,25 @@ class Trainer:
     def _finish(
         self, models: dict[str, tuple[SAE, torch.optim.Optimizer]], state: dict[str, Any]
     ) -> dict[str, Path]:
-        if not self.ranks.main:
-            self.ranks.barrier()
-            return {run.name: self.out / run.name / "sae" for run in self.runs}
-        finals, summary = {}, {}
-        for run in self.runs:
-            sae, _ = models[run.name]
-            sae.eval()
-            path = sae.save(
-                self.out / run.name / "sae", run=run.name, lr=run.lr, **self._sae_metadata(state)
-            )
-            finals[run.name] = path
-            lines = read_lines(self.out / run.name / METRICS_FILE)
-            last_eval = [json.loads(x) for x in lines if '"kind": "eval"' in x][-1]
-            summary[run.name] = {
-                "sae": str(path),
-                "dead_after_tokens": run.sae.dead_after_tokens,
-                **last_eval,
-            }
-        write_text(self.out / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=True))
-        shutil.rmtree(self.out / CHECKPOINT, ignore_errors=True)
+        finals = {run.name: self.out / run.name / "sae" for run in self.runs}
+        if self.writes_runs:
+            for run in self.mine:
+                sae, _ = models[run.name]
+                sae.eval()
+                sae.save(finals[run.name], run=run.name, lr=run.lr, **self._sae_metadata(state))
+        self.ranks.barrier()
+        if self.ranks.main:
+            summary = {}
+            for run in self.runs:
+                lines = read_lines(self.out / run.name / METRICS_FILE)
+                last_eval = [json.loads(x) for x in lines if '"kind": "eval"' in x][-1]
+                summary[run.name] = {
+                    "sae": str(finals[run.name]),
+                    "dead_after_tokens": run.sae.dead_after_tokens,
+                    **last_eval,
+                }
+            write_text(self.out / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=True))
+            shutil.rmtree(self.out / CHECKPOINT, ignore_errors=True)
         self.ranks.barrier()
         return finals
 
