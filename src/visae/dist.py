@@ -20,6 +20,10 @@ from visae.errors import VisaeError
 
 T = TypeVar("T")
 
+# The gloo group of the job (all ranks) for barriers and Python objects, whatever backend the
+# tensors' collectives take: so that neither needs a GPU chosen, nor sends objects through one.
+_HOST_GROUP: list[Any] = []
+
 # How long a rank waits for the others at a collective before failing (a slow rank 0 writing a
 # checkpoint or validating a large store must not time the others out; a dead one is caught
 # sooner by torchrun, which stops the whole job when any rank exits).
@@ -58,7 +62,7 @@ class Ranks:
 
     def barrier(self) -> None:
         if self.distributed:
-            dist.barrier()
+            dist.barrier(group=_host_group())
 
     def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """The element-wise sum over ranks (a new tensor; the input is left as it is)."""
@@ -119,11 +123,17 @@ class Ranks:
                 box[0] = ("ok", fn())
             except VisaeError as exc:
                 box[0] = ("error", str(exc))
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=_host_group())
         status, value = box[0]
         if status == "error":
             raise VisaeError(value)
         return value
+
+
+def _host_group() -> Any:
+    """The gloo group made by `current()` (None, the default group, for a process group that
+    someone else set up)."""
+    return _HOST_GROUP[0] if _HOST_GROUP else None
 
 
 def current() -> Ranks:
@@ -139,6 +149,7 @@ def current() -> Ranks:
     if not dist.is_initialized():
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend, timeout=TIMEOUT)
+        _HOST_GROUP.append(dist.new_group(backend="gloo", timeout=TIMEOUT))
     return Ranks(rank=rank, world=world, local_rank=local or 0)
 
 
