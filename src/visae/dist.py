@@ -66,17 +66,16 @@ class Ranks:
 
     def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """The element-wise sum over ranks (a new tensor; the input is left as it is)."""
-        if not self.distributed:
-            return tensor
-        out = tensor.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
+        return self._reduced(tensor, dist.ReduceOp.SUM)
 
     def all_min(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self._reduced(tensor, dist.ReduceOp.MIN)
+
+    def _reduced(self, tensor: torch.Tensor, op: Any) -> torch.Tensor:
         if not self.distributed:
             return tensor
         out = tensor.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.MIN)
+        dist.all_reduce(out, op=op)
         return out
 
     def all_cat(self, values: torch.Tensor) -> torch.Tensor:
