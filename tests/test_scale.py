@@ -15,9 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scale_worker
+import torch
 from PIL import Image
 
 from visae.cli import main
+from visae.dist import Ranks, current, local_device
+from visae.errors import VisaeError
 from visae.sae import SAE
 
 pytestmark = pytest.mark.slow
@@ -244,3 +247,20 @@ def test_one_data_parallel_step_is_the_whole_batch_step_in_float64(tmp_path):
             want = np.array([m[key] for m in logs])
             got = ranked[f"{name}/log/{key}"]
             np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12, err_msg=f"{name} {key}")
+
+
+def test_a_plain_process_is_a_world_of_one_and_devices_are_checked(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    ranks = current()
+    assert (ranks.rank, ranks.world, ranks.main, ranks.distributed) == (0, 1, True, False)
+    t = torch.arange(3.0)
+    assert ranks.all_sum(t) is t and ranks.all_cat(t) is t
+    assert ranks.from_main(lambda: 7) == 7
+    assert local_device("cuda:1", ranks) == "cuda:1"
+    with pytest.raises(VisaeError, match="would put every rank on one GPU"):
+        local_device("cuda:1", Ranks(rank=1, world=2, local_rank=1))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "two")
+    with pytest.raises(VisaeError, match="RANK='two' is not an integer"):
+        current()

@@ -158,4 +158,9 @@ def local_device(name: str, ranks: Ranks) -> str:
     if ranks.distributed and name == "cuda":
         torch.cuda.set_device(ranks.local_rank)
         return f"cuda:{ranks.local_rank}"
+    if ranks.distributed and name.startswith("cuda:"):
+        raise VisaeError(
+            f"device {name!r} would put every rank on one GPU: under torchrun pass --device "
+            "cuda (each rank takes its LOCAL_RANK's GPU) or restrict CUDA_VISIBLE_DEVICES"
+        )
     return name
