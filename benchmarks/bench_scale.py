@@ -65,7 +65,7 @@ CONFIGS = [
 
 def measure(
     kind: str, sizes: list[int], command: Callable[[int, str], list[str]], unit: str
-) -> tuple[list[str], dict[str, float]]:
+) -> list[str]:
     """Wall times of every configuration at both sizes, the marginal rate and fixed cost."""
     lines, rates = [], {}
     for label, launcher, threads in CONFIGS:
@@ -83,7 +83,7 @@ def measure(
     base = rates["1 process  x 1 thread "]
     ratios = [rates[label] / base for label, _, _ in CONFIGS]
     lines = [f"{line}  {ratio:5.2f}x" for line, ratio in zip(lines, ratios, strict=True)]
-    return lines, rates
+    return lines
 
 
 def main() -> None:
@@ -104,7 +104,7 @@ def main() -> None:
 
     # the scenes and the model are cached by a first, untimed extraction
     timed([*VISAE, *extract(max(images), "warm")], threads=2)
-    extract_lines, _ = measure("extract", images, extract, "img")
+    extract_lines = measure("extract", images, extract, "img")
     one = work / f"extract-{images[1]}-1-{len(VISAE)}"
     two = work / f"extract-{images[1]}-1-{len(TORCHRUN) + 2}"
     same_store = tree(one) == tree(two)
@@ -117,7 +117,7 @@ def main() -> None:
             *["--eval-every-tokens", "1000000000", "--quiet", "--out", str(work / tag)],
         ]
 
-    train_lines, _ = measure("train", tokens, train, "tok")
+    train_lines = measure("train", tokens, train, "tok")
     sae = "topk-n3072-k32/sae"
     runs = [work / f"train-{tokens[1]}-{t}-{len(c)}" / sae for _, c, t in CONFIGS]
     floor = weight_difference(runs[1], runs[0])

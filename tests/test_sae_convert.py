@@ -300,9 +300,9 @@ def _write_dl(folder: Path, dict_class: str, state: dict, file: str = "ae.pt") -
     return folder
 
 
-@pytest.mark.parametrize("threshold", [0.3, -1.0])  # -1: never calibrated, plain ReLU
-def test_dictionary_learning_batchtopk(tmp_path: Path, threshold: float) -> None:
-    st = {
+def _dl_topk_state(threshold: float) -> dict[str, torch.Tensor]:
+    """A dictionary_learning TopK/BatchTopK state dict (its `threshold` -1: never calibrated)."""
+    return {
         "b_dec": _rand(D, scale=0.5),
         "k": torch.tensor(K, dtype=torch.int32),
         "threshold": torch.tensor(threshold),
@@ -310,6 +310,11 @@ def test_dictionary_learning_batchtopk(tmp_path: Path, threshold: float) -> None
         "encoder.weight": _rand(N, D, scale=0.3),
         "encoder.bias": _rand(N, scale=0.2),
     }
+
+
+@pytest.mark.parametrize("threshold", [0.3, -1.0])  # -1: never calibrated, plain ReLU
+def test_dictionary_learning_batchtopk(tmp_path: Path, threshold: float) -> None:
+    st = _dl_topk_state(threshold)
     sae = import_sae(_write_dl(tmp_path / "run", "BatchTopKSAE", st))
 
     def encode(x):
@@ -320,14 +325,7 @@ def test_dictionary_learning_batchtopk(tmp_path: Path, threshold: float) -> None
 
 
 def test_dictionary_learning_topk_and_sae_for_vlm_matryoshka(tmp_path: Path) -> None:
-    st = {
-        "b_dec": _rand(D, scale=0.5),
-        "k": torch.tensor(K, dtype=torch.int32),
-        "threshold": torch.tensor(-1.0),
-        "decoder.weight": _rand(D, N, scale=0.3),
-        "encoder.weight": _rand(N, D, scale=0.3),
-        "encoder.bias": _rand(N, scale=0.2),
-    }
+    st = _dl_topk_state(-1.0)
     sae = import_sae(_write_dl(tmp_path / "topk", "AutoEncoderTopK", st))
 
     def encode(x):

@@ -170,8 +170,8 @@ def assert_same_weights(a: Path, b: Path) -> None:
     """Equal to float32 rounding as training amplifies it. A rounding-sized difference (the
     ranks' matmuls see 149 or 150 rows, the single process 299) can flip which latent is the
     k-th largest on a token, and Adam turns the flip into a full-size step of that latent, so
-    this holds runs to 2e-3 relative per tensor (measured: 1e-7 for the TopK family and
-    JumpReLU, 3e-5 for ReLU here; 1.1e-4 for bench_scale.py's TopK). Exactness itself is
+    this holds runs to 2e-3 relative per tensor (bench_scale.py's longer TopK run measures
+    1.1e-4). Exactness itself is
     the float64 test's (`test_one_data_parallel_step_is_the_whole_batch_step_in_float64`)."""
     wa, wb = weights(a), weights(b)
     assert sorted(wa) == sorted(wb) and len(wa) == 4

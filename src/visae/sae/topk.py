@@ -104,14 +104,11 @@ class _TopKFamily(SAE):
         """
         if selected.dtype == self.W_enc.dtype:
             exact = selected
-        elif self.cfg.signed_topk:
-            with torch.no_grad():
-                exact = sampled_dots(codes.crow, codes.cols, x_norm, self.W_enc.detach())
-                exact += bias[codes.cols]
         else:
             with torch.no_grad():
                 exact = sampled_dots(codes.crow, codes.cols, x_norm, self.W_enc.detach())
                 exact += bias[codes.cols]
+            if not self.cfg.signed_topk:
                 positive = exact > 0
                 if not bool(positive.all()):
                     keep = positive.nonzero().squeeze(1)

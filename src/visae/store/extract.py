@@ -151,7 +151,16 @@ def extract(
     n_shards = math.ceil(n_total / shard_images)
     if ranks is not None and ranks.distributed:
         return _extract_ranks(
-            backbone, dataset, out, spec, batch_size, device, on_unreadable, progress, ranks
+            backbone,
+            dataset,
+            out,
+            spec,
+            precision,
+            batch_size,
+            device,
+            on_unreadable,
+            progress,
+            ranks,
         )
 
     with StoreWriter(out, spec) as writer:
@@ -195,6 +204,7 @@ def _extract_ranks(
     dataset: ImageDataset,
     out: str | os.PathLike[str],
     spec: StoreSpec,
+    precision: contextlib.AbstractContextManager[Any],
     batch_size: int,
     device: str,
     on_unreadable: str,
@@ -213,14 +223,14 @@ def _extract_ranks(
         holder.append(writer)
         if writer.complete:
             return None
-        done = [*range(writer.n_shards), *writer.parts()]
-        for index, record in writer.parts().items():
+        parts = writer.parts()
+        for index, record in parts.items():
             want = min(shard_images, n_total - index * shard_images)
             if index >= n_shards or record["images"] + len(record["skipped"]) != want:
                 raise VisaeError(
                     f"cannot resume {out}: its shard {index} does not follow extract's layout"
                 )
-        return done
+        return [*range(writer.n_shards), *parts]
 
     try:
         done = ranks.from_main(open_store)
@@ -228,7 +238,8 @@ def _extract_ranks(
             if ranks.main:
                 logger.warning("store %s is already complete; nothing to do", out)
             return ActivationStore.open(out, verify=False, progress=False)
-        todo = [s for s in range(n_shards) if s not in set(done)]
+        written = set(done)
+        todo = [s for s in range(n_shards) if s not in written]
         mine = todo[ranks.rank :: ranks.world]
         if ranks.main and done:
             logger.warning(
@@ -238,9 +249,8 @@ def _extract_ranks(
                 n_shards,
                 ranks.world,
             )
-        parts = PartWriter(out, spec)
+        writer = PartWriter(out, spec)
         layer_list = [e["layer"] for e in spec.layer_entries]
-        precision = _precision(spec.autocast, device)
         backbone.to(device)
         total = sum(min(shard_images, n_total - s * shard_images) for s in mine)
         with tqdm(
@@ -256,7 +266,7 @@ def _extract_ranks(
                     acts, metadata, skipped = _run_shard(
                         backbone, dataset, spec, layer_list, lo, hi, batch_size, on_unreadable, bar
                     )
-                parts.write(shard, acts, metadata, skipped)
+                writer.write(shard, acts, metadata, skipped)
         ranks.barrier()
         if ranks.main:
             writer = holder[0]

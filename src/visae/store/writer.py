@@ -461,13 +461,7 @@ class StoreWriter(_ShardFiles):
         listed = {rel for shard in manifest["shards"] for rel in shard["files"]}
         parts = self.path / PARTS_DIR
         for entry in parts.glob("shard_*.json") if parts.is_dir() else []:
-            if is_tmp_name(entry.name):
-                continue
-            try:
-                record = json.loads(entry.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as e:
-                raise VisaeError(f"cannot read {entry}: {e}") from None
-            listed |= {entry.relative_to(self.path).as_posix(), *record["files"]}
+            listed |= {entry.relative_to(self.path).as_posix(), *_read_part(entry)["files"]}
         dirs = [self.path, parts, self.path / METADATA_DIR]
         dirs += [self.path / e["dir"] for e in manifest["layers"]]
         for d in dirs:
@@ -566,10 +560,7 @@ class StoreWriter(_ShardFiles):
             if index < self.n_shards:  # listed already; its record outlived a kill
                 entry.unlink()
                 continue
-            try:
-                record = json.loads(entry.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as e:
-                raise VisaeError(f"cannot read {entry}: {e}") from None
+            record = _read_part(entry)
             for rel, info in record["files"].items():
                 f = self.path / rel
                 if not f.is_file() or f.stat().st_size != info["bytes"]:
@@ -577,9 +568,9 @@ class StoreWriter(_ShardFiles):
             found[index] = record
         return found
 
-    def adopt_parts(self) -> int:
+    def adopt_parts(self) -> None:
         """List, in the manifest, the shards in `parts()` that continue it without a gap, and
-        drop their records; returns how many were listed."""
+        drop their records."""
         if self._lock_fd is None:
             raise VisaeError(f"writer for {self.path} is closed")
         parts = self.parts()
@@ -588,7 +579,7 @@ class StoreWriter(_ShardFiles):
             record = parts[self.n_shards + len(run)]
             run.append(record)
         if not run:
-            return 0
+            return
         first = self.n_images
         shards = []
         for record in run:
@@ -598,16 +589,16 @@ class StoreWriter(_ShardFiles):
         self._list_shards(shards)
         for record in run:
             (self.path / part_file(record["index"])).unlink(missing_ok=True)
-        return len(run)
 
     def finish(self) -> None:
         """Mark the store complete (a no-op if it already is) and release the lock."""
         if not self.complete:
             if self._lock_fd is None:
                 raise VisaeError(f"writer for {self.path} is closed")
-            if self.parts():
+            stranded = sorted(self.parts())
+            if stranded:
                 raise VisaeError(
-                    f"store {self.path}: shards {sorted(self.parts())} are written but do not "
+                    f"store {self.path}: shards {stranded} are written but do not "
                     "follow the listed ones; run the extraction again to fill the gap"
                 )
             with contextlib.suppress(FileNotFoundError):
@@ -683,6 +674,15 @@ class PartWriter(_ShardFiles):
         _mkdir(self.path / PARTS_DIR)
         text = dumps_json(record).encode("utf-8")
         write_file(self.path / part_file(index), lambda f: f.write(text))
+
+
+def _read_part(entry: Path) -> dict[str, Any]:
+    """A shard's record in `parts/` (written whole by `PartWriter`)."""
+    try:
+        record: dict[str, Any] = json.loads(entry.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise VisaeError(f"cannot read {entry}: {e}") from None
+    return record
 
 
 def _skipped_json(skipped: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

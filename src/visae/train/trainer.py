@@ -325,9 +325,8 @@ class Trainer:
             )
         for sae, _ in models.values():
             self.step_ranks.broadcast([*sae.state_dict().values(), sae.norm_mean, sae.norm_scale])
-        eval_x = self._eval_tokens() if self.writes_runs else None
-        for sae, _ in models.values():
             sae.train()
+        eval_x = self._eval_tokens() if self.writes_runs else None
         self._loop(models, state, eval_x)
         return self._finish(models, state)
 
